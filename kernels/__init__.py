@@ -1,0 +1,1 @@
+"""The reuse math: a plain-torch reference and a Triton kernel per op, one dispatcher (`_dispatch`)."""

@@ -1,0 +1,1 @@
+"""Model-family adapters for diffusers models, generation loops diffusers lacks, and the reference models."""

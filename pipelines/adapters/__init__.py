@@ -1,0 +1,1 @@
+"""Per-family adapters: where the blocks are, what they return, which modules are the expensive sites."""

@@ -1,0 +1,1 @@
+"""Autoregressive (Self-Forcing style) video generation with a KV cache."""

@@ -1,0 +1,1 @@
+"""Diffusion language models (LLaDA, Dream): model classes, generation and KV caching."""

@@ -1,0 +1,1 @@
+"""Small reference models trained here; their weights ship with the package."""
