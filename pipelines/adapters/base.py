@@ -1,0 +1,128 @@
+"""What an adapter tells the engine about one model family.
+
+Policies never see a model class; they see blocks, sites and steps. An adapter maps a diffusers
+denoiser onto those: the ordered block chain, how each block class takes and returns its
+streams, which child modules are the expensive sites (their output taken before the block
+applies its freshly computed gates), the TeaCache probe, and known per-checkpoint coefficients.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """I/O and sites of one transformer block class.
+
+    Attributes:
+        encoder: argument name of the text stream, or None when the block returns only the image stream.
+        returns: order of the returned streams, e.g. ``("encoder", "hidden")`` for Flux blocks.
+        sites: children whose outputs module-level policies cache and forecast.
+        feeders: children whose outputs only feed a site (Flux single blocks: ``attn`` and
+            ``proj_mlp`` feed ``proj_out``); they are skipped together with that site.
+    """
+
+    hidden: str = "hidden_states"
+    encoder: str | None = None
+    returns: tuple[str, ...] = ("hidden",)
+    sites: tuple[str, ...] = ()
+    feeders: tuple[str, ...] = ()
+
+
+@dataclass
+class Adapter:
+    """Base adapter; subclasses fill in the class attributes and override the probe if needed."""
+
+    family: str = ""
+    model_classes: tuple[str, ...] = ()
+    block_lists: tuple[str, ...] = ()
+    block_specs: dict[str, BlockSpec] = field(default_factory=dict)
+    timestep_arg: str = "timestep"
+    timestep_index: int | None = None  # positional index of the timestep, when pipelines pass it so
+    # Checkpoint name fragment -> TeaCache rescale coefficients (highest degree first).
+    teacache_coefficients: dict[str, list[float]] = field(default_factory=dict)
+    default_coefficients_key: str | None = None
+    has_blocks: bool = True
+
+    # -- blocks ------------------------------------------------------------------------------------
+    def blocks(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        out: list[torch.nn.Module] = []
+        for name in self.block_lists:
+            lst = getattr(model, name, None)
+            if lst is not None:
+                out.extend(lst)
+        return out
+
+    def spec(self, block: torch.nn.Module) -> BlockSpec:
+        name = type(block).__name__
+        if name not in self.block_specs:
+            raise ValueError(
+                f"{self.family} adapter has no spec for block class {name}; known: {sorted(self.block_specs)}"
+            )
+        return self.block_specs[name]
+
+    # -- arguments -----------------------------------------------------------------------------------
+    def timestep(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> float:
+        t = kwargs.get(self.timestep_arg)
+        if t is None:
+            t = get_arg(module, self.timestep_arg, args, kwargs)
+        if t is None:
+            raise ValueError(f"{self.family}: the denoiser was called without `{self.timestep_arg}`")
+        if isinstance(t, torch.Tensor):
+            return float(t.reshape(-1)[0].item())
+        return float(t)
+
+    def teacache_probe(self, block: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Default probe: the first block's AdaLN-modulated input (TeaCache's indicator, arXiv 2411.19108)."""
+        hidden = get_arg(block, "hidden_states", args, kwargs)
+        temb = get_arg(block, "temb", args, kwargs)
+        return block.norm1(hidden, emb=temb)[0]
+
+    def coefficients_for(self, model: torch.nn.Module) -> tuple[list[float] | None, str]:
+        """TeaCache coefficients for this checkpoint: (coefficients or None, where they came from)."""
+        name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "").lower()
+        for key, coeffs in self.teacache_coefficients.items():
+            if key.lower() in name:
+                return coeffs, f"published coefficients for {key}"
+        if self.default_coefficients_key is not None:
+            key = self.default_coefficients_key
+            return self.teacache_coefficients[key], f"published coefficients for {key} (checkpoint not recognised)"
+        return None, "no published coefficients for this family"
+
+
+_SIGNATURES: dict[type, dict[str, int]] = {}
+
+
+def get_arg(module: torch.nn.Module, name: str, args: tuple, kwargs: dict) -> Any:
+    """Value of forward argument ``name`` whether it was passed by keyword or by position."""
+    if name in kwargs:
+        return kwargs[name]
+    cls = type(module)
+    index = _SIGNATURES.get(cls)
+    if index is None:
+        params = list(inspect.signature(cls.forward).parameters)[1:]  # drop self
+        index = {p: i for i, p in enumerate(params)}
+        _SIGNATURES[cls] = index
+    i = index.get(name)
+    if i is not None and i < len(args):
+        return args[i]
+    return None
+
+
+def set_arg(module: torch.nn.Module, name: str, value: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    if name in kwargs or name not in _SIGNATURES.get(type(module), {}):
+        kwargs = dict(kwargs)
+        kwargs[name] = value
+        return args, kwargs
+    i = _SIGNATURES[type(module)][name]
+    if i < len(args):
+        args = args[:i] + (value,) + args[i + 1 :]
+    else:
+        kwargs = dict(kwargs)
+        kwargs[name] = value
+    return args, kwargs

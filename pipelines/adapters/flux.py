@@ -1,0 +1,26 @@
+"""FLUX.1 (`FluxTransformer2DModel`): 19 double-stream + 38 single-stream blocks in the full model."""
+
+from dcache.pipelines.adapters.base import Adapter, BlockSpec
+
+# Both Flux block kinds take (hidden, encoder) and return (encoder, hidden) in diffusers >= 0.35.
+_DOUBLE = BlockSpec(encoder="encoder_hidden_states", returns=("encoder", "hidden"), sites=("attn", "ff", "ff_context"))
+# Single blocks fuse attention and MLP in `proj_out`; TaylorSeer caches that pre-gate output
+# (arXiv 2503.06923 code: `total = linear2(cat(attn, mlp))`), so attn/proj_mlp only feed it.
+_SINGLE = BlockSpec(
+    encoder="encoder_hidden_states", returns=("encoder", "hidden"), sites=("proj_out",), feeders=("attn", "proj_mlp")
+)
+
+
+def make() -> Adapter:
+    return Adapter(
+        family="flux",
+        model_classes=("FluxTransformer2DModel",),
+        block_lists=("transformer_blocks", "single_transformer_blocks"),
+        block_specs={"FluxTransformerBlock": _DOUBLE, "FluxSingleTransformerBlock": _SINGLE},
+        # TeaCache rescale polynomials (ali-vilab/TeaCache; ComfyUI-TeaCache for Kontext).
+        teacache_coefficients={
+            "FLUX.1-Kontext": [-1.04655119e03, 3.12563399e02, -1.69500694e01, 4.10995971e-01, 3.74537863e-02],
+            "FLUX.1-dev": [4.98651651e02, -2.83781631e02, 5.58554382e01, -3.82021401e00, 2.64230861e-01],
+        },
+        default_coefficients_key="FLUX.1-dev",
+    )

@@ -1,0 +1,17 @@
+"""Stable Diffusion 3 / 3.5 (`SD3Transformer2DModel`, `JointTransformerBlock`)."""
+
+from dcache.pipelines.adapters.base import Adapter, BlockSpec
+
+_JOINT = BlockSpec(
+    encoder="encoder_hidden_states", returns=("encoder", "hidden"), sites=("attn", "attn2", "ff", "ff_context")
+)
+
+
+def make() -> Adapter:
+    # No published TeaCache coefficients for SD3: `teacache` falls back to the raw distance unless calibrated.
+    return Adapter(
+        family="sd3",
+        model_classes=("SD3Transformer2DModel",),
+        block_lists=("transformer_blocks",),
+        block_specs={"JointTransformerBlock": _JOINT},
+    )
