@@ -202,7 +202,7 @@ def _install_denoiser_hook(handle: Handle, whole_model: StepPolicy | None) -> No
             run.next_call(t)
             table = handle.flops_for(args, kwargs)
             if table is None:
-                out, table = flops_mod.measure(lambda: inner(args, kwargs), handle.module_names)
+                out, table = flops_mod.measure(lambda: inner(args, kwargs), denoiser, handle.module_names)
                 handle.store_flops(args, kwargs, table)
             else:
                 out = inner(args, kwargs)

@@ -57,9 +57,10 @@ class _Counter(FlopCounterMode):
         return out
 
 
-def measure(fn: Callable[[], Any], names: dict[torch.nn.Module, str]) -> tuple[Any, FlopTable]:
-    """Run ``fn`` once under the counter; return its output and FLOPs by qualified module name."""
+def measure(fn: Callable[[], Any], root: torch.nn.Module, names: dict[torch.nn.Module, str]) -> tuple[Any, FlopTable]:
+    """Run ``fn`` (a call of ``root``) under the counter; return its output and FLOPs by module name."""
     counter = _Counter()
+    counter.stack.append(root)  # ``fn`` runs inside root's forward, after root's own pre-hooks
 
     def pre(module: torch.nn.Module, args: Any) -> None:
         counter.stack.append(module)

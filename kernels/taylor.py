@@ -39,7 +39,8 @@ def update_torch(terms: torch.Tensor, n_valid: int, value: torch.Tensor, distanc
     new_valid = min(n_valid + 1, order_cap)
     prev_new = value.float()
     for i in range(new_valid):
-        old = terms[i].float() if i < n_valid else None
+        # A copy: for float32 terms ``.float()`` is the same storage the next line overwrites.
+        old = terms[i].float().clone() if i < n_valid else None
         terms[i].copy_(prev_new)
         if old is None or i + 1 >= new_valid:
             break

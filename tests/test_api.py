@@ -1,0 +1,95 @@
+"""Public API: policy resolution, bad input, the context manager, the policy listing."""
+
+import pytest
+import torch
+
+import dcache
+from dcache.schedulers.static import StaticConfig
+from dcache.schedulers.taylorseer import TaylorSeerConfig
+
+
+def test_policies_lists_the_core_methods():
+    names = dcache.policies()
+    for n in ["none", "static", "teacache", "fbcache", "taylorseer"]:
+        assert n in names and isinstance(names[n], str) and names[n]
+
+
+def test_unknown_policy_names_accepted_values(tiny_pipes):
+    pipe = tiny_pipes("flux")[0]
+    with pytest.raises(ValueError, match="unknown policy 'teacahce'.*accepted:.*taylorseer"):
+        dcache.accelerate(pipe, "teacahce")
+
+
+@pytest.mark.parametrize(
+    "policy, options, pattern",
+    [
+        ("taylorseer", {"interval": "5"}, "interval must be an int"),
+        ("taylorseer", {"interval": 0}, r"interval must be in \[1, inf\]"),
+        ("taylorseer", {"order": 7}, r"order must be in \[0, 4\]"),
+        ("taylorseer", {"dtype": "int8"}, "dtype must be one of"),
+        ("static", {"compute_last": 1}, "compute_last must be True or False"),
+        ("fbcache", {"threshold": -1.0}, r"threshold must be in \[0.0, inf\]"),
+        ("teacache", {"coefficients": [1, "a"]}, "coefficients must be 1 to 5 numbers"),
+        ("teacache", {"coefficients": "/nonexistent/c.json"}, "cannot read coefficients file"),
+        ("static", {"intervall": 3}, r"unknown option\(s\) \['intervall'\].*accepted: compute_last, interval, warmup_steps"),
+    ],
+)
+def test_bad_options(policy, options, pattern, tiny_pipes):
+    pipe = tiny_pipes("flux")[0]
+    with pytest.raises(ValueError, match=pattern):
+        dcache.accelerate(pipe, policy, **options)
+    assert "dcache" not in pipe.__dict__
+
+
+def test_fbcache_too_many_blocks_is_rejected(tiny_pipes):
+    pipe = tiny_pipes("flux")[0]  # 4 blocks
+    with pytest.raises(ValueError, match="less than the model's 4 blocks"):
+        dcache.accelerate(pipe, "fbcache", fn_blocks=3, bn_blocks=1)
+
+
+def test_unsupported_model_names_supported_classes():
+    from diffusers import UNet2DModel
+
+    with pytest.raises(ValueError, match="unsupported model class UNet2DModel; supported: .*FluxTransformer2DModel.*register_adapter"):
+        dcache.accelerate(UNet2DModel(block_out_channels=(4, 8), norm_num_groups=2, layers_per_block=1,
+                                      down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2))
+    with pytest.raises(ValueError, match="expected a diffusers pipeline"):
+        dcache.accelerate(object())
+
+
+def test_config_objects_and_lists(tiny_pipes):
+    pipe, kw, attr, _ = tiny_pipes("flux")
+    dcache.accelerate(pipe, TaylorSeerConfig(interval=2))
+    assert pipe.dcache.stats() == {} and "taylorseer" in repr(pipe.dcache)
+    dcache.accelerate(pipe, ["static", "taylorseer"], static={"interval": 4}, taylorseer={"interval": 2})
+    out = getattr(pipe(generator=torch.Generator().manual_seed(0), num_inference_steps=6, **kw), attr)
+    assert torch.isfinite(out).all()
+    assert pipe.dcache.stats()["policies"] == ["static", "taylorseer"]
+    dcache.disable(pipe)
+    with pytest.raises(ValueError, match="one policy per granularity"):
+        dcache.accelerate(pipe, [StaticConfig(), "teacache"])
+    with pytest.raises(ValueError, match=r"options \['bogus'\] were not used"):
+        dcache.accelerate(pipe, ["static"], bogus={})
+    with pytest.raises(ValueError, match="policy must be a name, a policy config object"):
+        dcache.accelerate(pipe, 3)
+    assert "dcache" not in pipe.__dict__
+
+
+def test_context_manager_restores(tiny_pipes):
+    pipe, kw, attr, _ = tiny_pipes("flux")
+    base = getattr(pipe(generator=torch.Generator().manual_seed(0), num_inference_steps=6, **kw), attr)
+    with dcache.accelerated(pipe, "static", interval=2) as p:
+        assert p is pipe and pipe.dcache is not None
+        fast = getattr(pipe(generator=torch.Generator().manual_seed(0), num_inference_steps=6, **kw), attr)
+    assert not torch.equal(fast, base)
+    assert "dcache" not in pipe.__dict__
+    assert torch.equal(getattr(pipe(generator=torch.Generator().manual_seed(0), num_inference_steps=6, **kw), attr), base)
+
+
+def test_accelerate_twice_replaces_policy(tiny_pipes):
+    pipe = tiny_pipes("flux")[0]
+    dcache.accelerate(pipe, "static")
+    dcache.accelerate(pipe, "fbcache")
+    assert pipe.dcache.stats() == {} and "fbcache" in repr(pipe.dcache)
+    dcache.disable(pipe)
+    assert type(pipe).__mro__[1].__name__ != "FluxPipeline"  # class swap fully undone
