@@ -35,7 +35,8 @@ def build(hidden_heads: int, layers: int, single_layers: int):
                                 pooled_projection_dim=128, axes_dims_rope=[16, 24, 24]).eval()
     vae = AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
                         up_block_types=("UpDecoderBlock2D",), block_out_channels=(4,), layers_per_block=1,
-                        latent_channels=16, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False).eval()
+                        latent_channels=16, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035).eval()
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
                         text_encoder_2=None, tokenizer_2=None, transformer=tr)
     pipe.set_progress_bar_config(disable=True)

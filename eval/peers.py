@@ -1,0 +1,125 @@
+"""Other projects' caches, set up on the same pipeline so they can be measured beside dcache.
+
+Each peer is (source, name, setup) where ``setup(pipe, steps)`` installs it and returns
+``(before_each, teardown)``. A peer whose package is missing is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass
+class Peer:
+    source: str
+    name: str
+    options: dict
+    setup: Callable[[Any, int], tuple[Callable[[Any], None], Callable[[Any], None]]]
+    equivalent: str  # the dcache policy it compares with
+
+
+def _noop(pipe: Any) -> None:
+    pass
+
+
+def _diffusers(config_factory: Callable[[int], Any]):
+    def setup(pipe: Any, steps: int):
+        pipe.transformer.enable_cache(config_factory(steps))
+        return _noop, lambda p: p.transformer.disable_cache()
+
+    return setup
+
+
+class _RatioCatcher(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.ratios: list[list[float]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if "MagCache Calibration Results:" in msg:
+            self.ratios.append(ast.literal_eval(msg.split("Results:", 1)[1].strip()))
+
+
+def _diffusers_magcache(threshold: float, max_skip: int, calibration_call: Callable[[Any, int], None]):
+    def setup(pipe: Any, steps: int):
+        from diffusers import MagCacheConfig
+
+        # MagCache needs ratios calibrated on this checkpoint: one calibration run, ratios read from its log.
+        log = logging.getLogger("diffusers.hooks.mag_cache")
+        catcher, level = _RatioCatcher(), log.level
+        log.addHandler(catcher)
+        log.setLevel(logging.INFO)
+        try:
+            pipe.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
+            calibration_call(pipe, steps)
+            pipe.transformer.disable_cache()
+        finally:
+            log.removeHandler(catcher)
+            log.setLevel(level)
+        if not catcher.ratios:
+            raise RuntimeError("MagCache calibration produced no ratios")
+        pipe.transformer.enable_cache(MagCacheConfig(mag_ratios=catcher.ratios[0], num_inference_steps=steps,
+                                                     threshold=threshold, max_skip_steps=max_skip))
+        return _noop, lambda p: p.transformer.disable_cache()
+
+    return setup
+
+
+def _cache_dit(threshold: float, taylorseer: bool, separate_cfg: bool):
+    def setup(pipe: Any, steps: int):
+        import cache_dit
+
+        cfg = cache_dit.DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=threshold,
+                                      max_warmup_steps=3, max_cached_steps=-1, num_inference_steps=steps,
+                                      enable_separate_cfg=separate_cfg)
+        kwargs = {"cache_config": cfg}
+        if taylorseer:
+            kwargs["calibrator_config"] = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1)
+        cache_dit.enable_cache(pipe.transformer, **kwargs)
+
+        def before(p: Any) -> None:
+            # Without an explicit refresh the first step of the next generation still runs in the old
+            # context (shared/reference/cache-dit.md, "off-by-one").
+            cache_dit.refresh_context(p.transformer, num_inference_steps=steps)
+
+        return before, lambda p: cache_dit.disable_cache(p.transformer)
+
+    return setup
+
+
+def available_peers(calibration_call: Callable[[Any, int], None], separate_cfg: bool) -> tuple[list[Peer], list[str]]:
+    peers: list[Peer] = []
+    notes: list[str] = []
+    try:
+        from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+        peers += [
+            Peer("diffusers", "FirstBlockCache", {"threshold": 0.1},
+                 _diffusers(lambda s: FirstBlockCacheConfig(threshold=0.1)), "fbcache"),
+            Peer("diffusers", "TaylorSeerCache", {"cache_interval": 6, "disable_cache_before_step": 3, "max_order": 1},
+                 _diffusers(lambda s: TaylorSeerCacheConfig(cache_interval=6, disable_cache_before_step=3, max_order=1,
+                                                            taylor_factors_dtype=torch.float32)), "taylorseer"),
+            Peer("diffusers", "MagCache", {"threshold": 0.12, "max_skip_steps": 4},
+                 _diffusers_magcache(0.12, 4, calibration_call), "(none yet)"),
+        ]
+    except ImportError as e:  # pragma: no cover - diffusers is a hard dependency
+        notes.append(f"diffusers peers skipped: {e}")
+    try:
+        import cache_dit  # noqa: F401
+
+        peers += [
+            Peer("cache-dit", "DBCache", {"Fn": 1, "Bn": 0, "residual_diff_threshold": 0.1},
+                 _cache_dit(0.1, False, separate_cfg), "fbcache"),
+            Peer("cache-dit", "DBCache+TaylorSeer", {"Fn": 1, "Bn": 0, "residual_diff_threshold": 0.1,
+                                                     "taylorseer_order": 1},
+                 _cache_dit(0.1, True, separate_cfg), "taylorseer"),
+        ]
+    except ImportError:
+        notes.append("cache-dit peers skipped: cache-dit is not installed (pip install dcache[peers])")
+    return peers, notes
