@@ -30,3 +30,25 @@ def test_loader_names_missing_files(tmp_path):
 def test_model_config_validates(bad):
     with pytest.raises(ValueError):
         DigitsModelConfig(**bad)
+
+
+def test_profile_forward_reports_a_fraction():
+    from dcache.pipelines.zoo.profile_forward import profile
+
+    r = profile(batch=1, reps=1)
+    assert 0.0 < r["fraction_in_attn_mlp"] < 1.0
+    # Every expected site was timed: attention in both block kinds, MLPs, and the single-block output.
+    assert {"transformer_blocks.attn", "transformer_blocks.ff", "transformer_blocks.ff_context",
+            "single_transformer_blocks.attn", "single_transformer_blocks.proj_mlp",
+            "single_transformer_blocks.proj_out"} <= set(r["by_site_ms"])
+
+
+def test_save_grid_writes_rows_by_columns(tmp_path):
+    import PIL.Image
+
+    from dcache.pipelines.zoo.evaluate_digits import save_grid
+
+    images = torch.rand(6, 1, 32, 32)
+    save_grid(images, rows=2, path=tmp_path / "g.png", scale=1)
+    im = PIL.Image.open(tmp_path / "g.png")
+    assert im.size == (3 * 32, 2 * 32) and im.mode == "L"
