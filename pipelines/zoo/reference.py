@@ -36,10 +36,12 @@ def load_reference_pipeline(
     transformer, embedder = build_transformer(cfg), build_embedder(cfg)
     transformer.load_state_dict({k: v.float() for k, v in load_file(str(root / TRANSFORMER_FILE)).items()})
     embedder.load_state_dict({k: v.float() for k, v in load_file(str(root / EMBEDDER_FILE)).items()})
-    # Cast the modules before wrapping them: DiffusionPipeline.to(dtype) warns on every call.
+    # nn.Module.to, not ModelMixin.to: the latter warns about fp32-pinned modules (there are none).
+    for module in (transformer, embedder):
+        torch.nn.Module.to(module, device=device, dtype=dtype).eval()
     return FluxDigitsPipeline(
-        transformer=transformer.to(device=device, dtype=dtype).eval(),
+        transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(),
-        class_embedder=embedder.to(device=device, dtype=dtype).eval(),
+        class_embedder=embedder,
         image_size=cfg.image_size,
     )
