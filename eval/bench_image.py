@@ -8,9 +8,8 @@ With no arguments it runs the embedded reference model (class-conditional digits
     dcache bench --peers                           # + diffusers' hooks and cache-dit on the same model
     dcache bench --model ./my-dit-pipeline --num-samples 4
 
-Each configuration runs twice: once with counters on every linear layer inside the transformer
-blocks (gives ``computed_fraction``: FLOPs of block linears executed / baseline; also the warm-up)
-and once timed without them. Rows are appended to ``OUT/results.json`` as they finish; a rerun
+Each configuration runs twice: once under torch's FLOP counter (gives ``computed_fraction``:
+matmul FLOPs executed / the baseline's; also the warm-up) and once timed without it. Rows are appended to ``OUT/results.json`` as they finish; a rerun
 with ``--resume`` skips the rows already there.
 """
 
@@ -87,11 +86,11 @@ def _as_images(out: Any) -> torch.Tensor:
     return x
 
 
-def embedded_target(guidance: float, device: str) -> Target:
+def embedded_target(guidance: float, device: str, weights_dir: str | None = None) -> Target:
     from dcache.pipelines.zoo.digit_classifier import load_digit_classifier
     from dcache.pipelines.zoo.reference import load_reference_pipeline
 
-    pipe = load_reference_pipeline(device=device)
+    pipe = load_reference_pipeline(device=device, weights_dir=weights_dir)
     pipe.set_progress_bar_config(disable=True)
     clf = load_digit_classifier(device=device)
 
@@ -133,43 +132,23 @@ def model_target(model: str, guidance: float, device: str, prompt: str) -> Targe
     return Target(pipe, f"{type(pipe).__name__} from {model}", generate)
 
 
-class LinearFlops:
-    """FLOPs of the linear layers inside the transformer blocks that actually ran."""
-
-    def __init__(self, pipe: Any) -> None:
-        from dcache.pipelines.adapters import get_adapter
-
-        den = getattr(pipe, "transformer", None) or getattr(pipe, "unet")
-        adapter = get_adapter(den)
-        roots = adapter.blocks(den) if adapter.has_blocks else [den]
-        self.total = 0.0
-        self.handles = []
-        for root in roots:
-            for m in root.modules():
-                if isinstance(m, torch.nn.Linear):
-                    self.handles.append(m.register_forward_hook(self._hook))
-
-    def _hook(self, m: torch.nn.Linear, args: tuple, out: Any) -> None:
-        self.total += 2.0 * args[0].numel() * m.out_features
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
 def _measure(target: Target, seeds: list[int], steps: int, before: Callable[[], None]) -> tuple[torch.Tensor, float, float]:
-    """(images, wall seconds, linear FLOPs): a counted run, then the timed run."""
-    counter = LinearFlops(target.pipe)
-    try:
-        before()
+    """(images, wall seconds, FLOPs): a counted run (also the warm-up), then the timed run.
+
+    FLOPs are counted at the dispatcher, so a module whose forward was replaced by any cache
+    (dcache's, diffusers', cache-dit's) is counted only when its matmuls really run.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    before()
+    with FlopCounterMode(display=False) as counter:
         target.generate(seeds, steps)
-    finally:
-        counter.remove()
+    flops = float(counter.get_total_flops())
     before()
     t0 = time.perf_counter()
     with torch.no_grad():
         images = target.generate(seeds, steps)
-    return images, time.perf_counter() - t0, counter.total
+    return images, time.perf_counter() - t0, flops
 
 
 def _slug(source: str, policy: str, options: dict) -> str:
@@ -180,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dcache bench", description="Benchmark caching policies against the uncached baseline.")
     ap.add_argument("--task", default="image", help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None, help="hub id or local directory of a diffusers pipeline (default: embedded)")
+    ap.add_argument("--weights-dir", default=None, help="embedded model: a train_digits --out folder instead of the shipped weights")
     ap.add_argument("--policies", default=DEFAULT_POLICIES, help="comma list, options in parentheses")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--num-samples", type=int, default=10, help="samples per configuration (seeds 0..N-1)")
@@ -216,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     from dcache.eval import metrics, report
 
     os.makedirs(os.path.join(args.out, "images"), exist_ok=True)
-    target = (embedded_target(args.guidance, args.device) if args.model is None
+    target = (embedded_target(args.guidance, args.device, args.weights_dir) if args.model is None
               else model_target(args.model, args.guidance, args.device, args.prompt))
     meta = {"model": args.model or "embedded", "steps": args.steps, "seeds": seeds, "guidance": args.guidance,
             "torch_threads": torch.get_num_threads(), "device": args.device}
@@ -255,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         base, wall, flops = _measure(target, seeds, args.steps, lambda: None)
         torch.save(base, base_file)
         base_row = {"id": base_id, "source": "baseline", "policy": "baseline", "options": {}, "wall_s": wall,
-                    "speedup": 1.0, "computed_fraction": 1.0, "linear_flops": flops, "psnr": float("inf"),
+                    "speedup": 1.0, "computed_fraction": 1.0, "flops": flops, "psnr": float("inf"),
                     "ssim": 1.0, "lpips": 0.0 if lp_ok else None}
         if target.classify is not None:
             base_row["class_accuracy"] = _accuracy(target, base, seeds)
@@ -283,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
                 teardown(target.pipe)
             torch.save(images, img_file)
             row = {"id": rid, "source": source, "policy": name, "options": opts, "wall_s": wall,
-                   "speedup": base_row["wall_s"] / wall, "computed_fraction": flops / base_row["linear_flops"],
-                   "linear_flops": flops, "psnr": metrics.psnr(images, base), "ssim": metrics.ssim(images, base),
+                   "speedup": base_row["wall_s"] / wall, "computed_fraction": flops / base_row["flops"],
+                   "flops": flops, "psnr": metrics.psnr(images, base), "ssim": metrics.ssim(images, base),
                    "lpips": metrics.lpips_distance(images, base)}
             if target.classify is not None:
                 row["class_accuracy"] = _accuracy(target, images, seeds)
