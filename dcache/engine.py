@@ -110,6 +110,18 @@ def find_denoiser(obj: Any) -> tuple[torch.nn.Module, bool]:
     )
 
 
+def _parallel_group(denoiser: torch.nn.Module) -> Any:
+    """The process group sharding this denoiser's sequence, when diffusers' parallelism is on."""
+    if getattr(denoiser, "_parallel_config", None) is None:
+        return None
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    logger.info("dcache: context parallelism detected; skip decisions are all-reduced across ranks")
+    return dist.group.WORLD
+
+
 def install(obj: Any, configs: list) -> Any:
     from dcache.pipelines.adapters import get_adapter
     from dcache.module_cache import install_module_hooks
@@ -132,7 +144,10 @@ def install(obj: Any, configs: list) -> Any:
         coefficients_source=source,
         model_id=str(getattr(getattr(denoiser, "config", None), "_name_or_path", "") or type(denoiser).__name__),
     )
+    env.parallel_group = _parallel_group(denoiser)
     policies = [c.build(env) for c in configs]
+    for p in policies:
+        p.group = env.parallel_group
     handle = Handle(obj, denoiser, adapter, configs, policies)
     try:
         step_policies = [p for p in policies if isinstance(p, StepPolicy)]

@@ -54,10 +54,21 @@ def rel_l1_triton(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return acc[0] / acc[1].clamp_min(_EPS)
 
 
-def rel_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Scalar tensor ``Σ|a - b| / Σ|b|`` (equal to the ratio of means)."""
+def rel_l1(a: torch.Tensor, b: torch.Tensor, group: object | None = None) -> torch.Tensor:
+    """Scalar tensor ``Σ|a - b| / Σ|b|`` (equal to the ratio of means).
+
+    ``group``: a torch.distributed process group whose ranks each hold a shard of the tensors
+    (context/sequence parallelism). The two sums are all-reduced before dividing, so every rank
+    gets the same distance and takes the same skip decision.
+    """
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    if group is not None:
+        import torch.distributed as dist
+
+        sums = torch.stack([(a.float() - b.float()).abs().sum(), b.float().abs().sum()])
+        dist.all_reduce(sums, group=group)
+        return sums[0] / sums[1].clamp_min(_EPS)
     if use_triton(a, b):
         return rel_l1_triton(a, b)
     return rel_l1_torch(a, b)

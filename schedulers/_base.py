@@ -30,6 +30,8 @@ class PolicyEnv:
     teacache_coefficients: list[float] | None = None
     coefficients_source: str = ""
     model_id: str = ""
+    # Process group of a context-parallel denoiser: data-dependent decisions reduce over it.
+    parallel_group: Any = None
 
 
 class PolicyState:
@@ -45,6 +47,7 @@ class StepPolicy:
     """
 
     granularity = "step"
+    group: Any = None  # set from PolicyEnv.parallel_group by the engine
     head_blocks = 0
     tail_blocks = 0
     needs_probe = False

@@ -52,7 +52,7 @@ class FBCachePolicy(StepPolicy):
         c = self.config
         reuse = False
         if state.reference is not None and state.reference.shape == signal.shape and step.index >= c.warmup_steps:
-            d = float(rel_l1(signal, state.reference))
+            d = float(rel_l1(signal, state.reference, self.group))
             state.last_distance = d
             limit_ok = c.max_consecutive == 0 or state.consecutive < c.max_consecutive
             reuse = d < c.threshold and limit_ok

@@ -74,7 +74,7 @@ class TeaCachePolicy(StepPolicy):
         if prev is None or prev.shape != signal.shape:
             state.accumulated, state.last_distance = 0.0, None
             return True
-        d = float(rel_l1(signal, prev))
+        d = float(rel_l1(signal, prev, self.group))
         state.last_distance = d
         if c.calibrate or step.index < c.warmup_steps or (c.compute_last and step.is_last):
             state.accumulated = 0.0
