@@ -70,6 +70,13 @@ class Handle:
                 run.num_steps = len(ts)
         return run
 
+    def active(self) -> tuple[Run, Any] | tuple[None, None]:
+        """(run, step) while a denoiser call is in progress, else (None, None)."""
+        run = self.run
+        if run is None or run.current is None:
+            return None, None
+        return run, run.current
+
     def flops_for(self, args: tuple, kwargs: dict) -> flops_mod.FlopTable | None:
         return self._flop_tables.get(flops_mod.signature(args, kwargs))
 
@@ -236,9 +243,7 @@ def _whole_model_step(handle: Handle, policy: StepPolicy, original: Any, args: t
     run = handle.run
     step = run.current
     pid = id(policy)
-    state = run.cache.get((pid, "state", step.branch))
-    if state is None:
-        state = run.cache[(pid, "state", step.branch)] = policy.new_state()
+    state = run.state((pid, "state", step.branch), policy.new_state)
     signal = handle.adapter.model_probe(handle.denoiser, args, kwargs) if policy.needs_probe else None
     compute = policy.decide(state, step, signal)
     key = (pid, "output", step.branch)

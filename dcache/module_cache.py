@@ -55,10 +55,7 @@ def install_module_hooks(handle: Any, policy: ModulePolicy, blocks: list[torch.n
     def decision(run: Any, step: Any) -> Action:
         act = step.decisions.get(pid)
         if act is None:
-            key = (pid, "state", step.branch)
-            state = run.cache.get(key)
-            if state is None:
-                state = run.cache[key] = policy.new_state()
+            state = run.state((pid, "state", step.branch), policy.new_state)
             act = step.decisions[pid] = policy.action(state, step)
         return act
 
@@ -66,8 +63,7 @@ def install_module_hooks(handle: Any, policy: ModulePolicy, blocks: list[torch.n
         def make(original):
             @torch.compiler.disable
             def forward(*args: Any, **kwargs: Any) -> Any:
-                run = handle.run
-                step = run.current if run is not None else None
+                run, step = handle.active()
                 if step is None:
                     return original(*args, **kwargs)
                 act = decision(run, step)

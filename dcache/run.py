@@ -79,6 +79,13 @@ class Run:
             return True
         return timestep > self._last_t if decreasing else timestep < self._last_t
 
+    def state(self, key: tuple, factory: Any) -> Any:
+        """The per-run object under ``key`` (policy state, chain state, site history), made on first use."""
+        value = self.cache.get(key)
+        if value is None:
+            value = self.cache[key] = factory()
+        return value
+
     # -- accounting ----------------------------------------------------------------------------
     def count(self, kind: str, site: str | None = None, n: int = 1) -> None:
         self.counts[kind] += n

@@ -70,22 +70,14 @@ def install_step_hooks(handle: Any, policy: StepPolicy, blocks: list[torch.nn.Mo
     span_names = [handle.module_names[b] for b in blocks[first : last + 1]]
     site = f"blocks[{first}:{last + 1}]"
 
-    def chain_state(run: Any, branch: int) -> ChainState:
-        key = (pid, "chain", branch)
-        cs = run.cache.get(key)
-        if cs is None:
-            cs = run.cache[key] = ChainState(policy.new_state())
-        return cs
-
     def make_hook(i: int, block: torch.nn.Module, spec: BlockSpec):
         def make(original):
             @torch.compiler.disable
             def forward(*args: Any, **kwargs: Any) -> Any:
-                run = handle.run
-                step = run.current if run is not None else None
+                run, step = handle.active()
                 if step is None:
                     return original(*args, **kwargs)
-                cs = chain_state(run, step.branch)
+                cs = run.state((pid, "chain", step.branch), lambda: ChainState(policy.new_state()))
                 hidden = get_arg(block, spec.hidden, args, kwargs)
                 enc = get_arg(block, spec.encoder, args, kwargs) if spec.encoder else None
                 if i == 0:

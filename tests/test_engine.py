@@ -37,13 +37,10 @@ def test_batch_of_two_equals_two_single_runs(tiny_pipes):
     pipe, kw, attr, _ = tiny_pipes("flux")
     kw2 = dict(kw, prompt_embeds=kw["prompt_embeds"].repeat(2, 1, 1),
                pooled_prompt_embeds=kw["pooled_prompt_embeds"].repeat(2, 1))
-    dcache.accelerate(pipe, "taylorseer", interval=3, warmup_steps=1)
-    try:
+    with dcache.accelerated(pipe, "taylorseer", interval=3, warmup_steps=1):
         both = getattr(pipe(generator=[gen(1), gen(2)], num_inference_steps=7, **kw2), attr)
         one = getattr(pipe(generator=gen(1), num_inference_steps=7, **kw), attr)
         two = getattr(pipe(generator=gen(2), num_inference_steps=7, **kw), attr)
-    finally:
-        dcache.disable(pipe)
     assert both.shape[0] == 2
     torch.testing.assert_close(both[0:1], one, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(both[1:2], two, atol=1e-5, rtol=1e-4)
@@ -51,19 +48,13 @@ def test_batch_of_two_equals_two_single_runs(tiny_pipes):
 
 def test_different_step_count_on_second_run(tiny_pipes):
     pipe, kw, attr, _ = tiny_pipes("flux")
-    dcache.accelerate(pipe, "taylorseer", interval=3, warmup_steps=1)
-    try:
+    with dcache.accelerated(pipe, "taylorseer", interval=3, warmup_steps=1):
         pipe(generator=gen(), num_inference_steps=9, **kw)
         assert pipe.dcache.stats()["steps"] == 9
         second = getattr(pipe(generator=gen(), num_inference_steps=5, **kw), attr)
         assert pipe.dcache.stats()["steps"] == 5
-    finally:
-        dcache.disable(pipe)
-    dcache.accelerate(pipe, "taylorseer", interval=3, warmup_steps=1)
-    try:
+    with dcache.accelerated(pipe, "taylorseer", interval=3, warmup_steps=1):
         fresh = getattr(pipe(generator=gen(), num_inference_steps=5, **kw), attr)
-    finally:
-        dcache.disable(pipe)
     assert torch.equal(second, fresh)
 
 
@@ -90,26 +81,20 @@ def test_cached_tensors_are_freed_when_the_run_ends(tiny_pipes):
 
 def test_exception_mid_run_does_not_leak_state(tiny_pipes):
     pipe, kw, attr, _ = tiny_pipes("flux")
-    dcache.accelerate(pipe, "static", interval=2)
-    try:
-        def boom(p, i, t, cbk):
-            if i == 2:
-                raise RuntimeError("interrupted")
-            return cbk
+    def boom(p, i, t, cbk):
+        if i == 2:
+            raise RuntimeError("interrupted")
+        return cbk
 
+    with dcache.accelerated(pipe, "static", interval=2):
         try:
             pipe(generator=gen(), num_inference_steps=6, callback_on_step_end=boom, **kw)
         except RuntimeError:
             pass
         assert pipe.dcache.run is None
         after = getattr(pipe(generator=gen(), num_inference_steps=6, **kw), attr)
-    finally:
-        dcache.disable(pipe)
-    dcache.accelerate(pipe, "static", interval=2)
-    try:
+    with dcache.accelerated(pipe, "static", interval=2):
         base_pipe_out = getattr(pipe(generator=gen(), num_inference_steps=6, **kw), attr)
-    finally:
-        dcache.disable(pipe)
     assert torch.equal(after, base_pipe_out)
 
 
