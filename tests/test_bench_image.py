@@ -63,3 +63,18 @@ def test_bench_rejects_bad_arguments(tmp_path):
         cli(["bench", "--policies", "bogus", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="cannot load a diffusers pipeline"):
         cli(["bench", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)])
+
+
+def test_bench_peers_rows_are_marked_with_their_source(tmp_path):
+    out = tmp_path / "p"
+    assert cli(["bench", "--steps", "4", "--num-samples", "1", "--policies", "fbcache", "--peers",
+                "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    meta = json.loads((out / "meta.json").read_text())
+    sources = {r["source"] for r in rows}
+    assert {"baseline", "dcache", "diffusers"} <= sources
+    names = {(r["source"], r["policy"]) for r in rows}
+    cache_dit_ran = ("cache-dit", "DBCache") in names
+    assert cache_dit_ran or any("cache-dit" in n for n in meta["notes"])
+    for r in rows:
+        assert r["psnr"] is not None and r["computed_fraction"] > 0
