@@ -27,10 +27,17 @@ def forecast_coefficients(n_valid: int, k: float) -> list[float]:
 # ---------------------------------------------------------------------------------------------
 def forecast_torch(terms: torch.Tensor, n_valid: int, k: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     coeffs = forecast_coefficients(n_valid, k)
-    acc = terms[0].float() * coeffs[0]
+    out_dtype = out_dtype or terms.dtype
+    if terms.dtype == torch.float32 or n_valid == 1:
+        # One fresh tensor, then in-place accumulation: n_valid passes, no temporaries.
+        acc = terms[0].to(out_dtype if n_valid == 1 else torch.float32, copy=True)
+        for i in range(1, n_valid):
+            acc.add_(terms[i], alpha=coeffs[i])
+        return acc.to(out_dtype)
+    acc = terms[0].float()
     for i in range(1, n_valid):
         acc = acc + terms[i].float() * coeffs[i]
-    return acc.to(out_dtype or terms.dtype)
+    return acc.to(out_dtype)
 
 
 def update_torch(terms: torch.Tensor, n_valid: int, value: torch.Tensor, distance: float) -> int:
