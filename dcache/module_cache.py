@@ -2,9 +2,9 @@
 
 A site's output is taken where the block receives it, before the block multiplies it by the
 gates it computed this step, so a forecast always meets fresh modulation. Feeders (modules whose
-output only flows into a site, like Flux single blocks' ``attn`` and ``proj_mlp`` into
-``proj_out``) are skipped with their site: they return a zero placeholder of the recorded shape
-instead of running.
+output only flows into a site, like Flux single blocks' ``attn``, ``proj_mlp`` and ``act_mlp``
+into ``proj_out``) are skipped with their site: they return an empty placeholder (the recorded
+shape with a last dimension of 0) instead of running.
 """
 
 from __future__ import annotations
@@ -75,7 +75,10 @@ def install_module_hooks(handle: Any, policy: ModulePolicy, blocks: list[torch.n
                         run.count("forecast", name)
                         leaves = [None if s is None else policy.produce(s, step) for s in entry.states]
                     else:
-                        leaves = [None if sh is None else torch.zeros((), dtype=sh[1], device=sh[2]).expand(sh[0])
+                        # Feeders only flow into their site, which ignores its input on a
+                        # forecast step: an empty last dimension keeps every shape check and
+                        # concatenation valid while nothing is computed or materialised.
+                        leaves = [None if sh is None else torch.empty((*sh[0][:-1], 0), dtype=sh[1], device=sh[2])
                                   for sh in entry.shapes]
                     return _rebuild(entry.structure, leaves)
                 out = original(*args, **kwargs)

@@ -23,8 +23,9 @@ class BlockSpec:
         encoder: argument name of the text stream, or None when the block returns only the image stream.
         returns: order of the returned streams, e.g. ``("encoder", "hidden")`` for Flux blocks.
         sites: children whose outputs module-level policies cache and forecast.
-        feeders: children whose outputs only feed a site (Flux single blocks: ``attn`` and
-            ``proj_mlp`` feed ``proj_out``); they are skipped together with that site.
+        feeders: children whose outputs flow only into a site (Flux single blocks: ``attn``,
+            ``proj_mlp`` and ``act_mlp`` feed ``proj_out``); they are skipped together with that
+            site and return an empty placeholder, so they must have no other consumer.
     """
 
     hidden: str = "hidden_states"

@@ -7,7 +7,7 @@ _DOUBLE = BlockSpec(encoder="encoder_hidden_states", returns=("encoder", "hidden
 # Single blocks fuse attention and MLP in `proj_out`; TaylorSeer caches that pre-gate output
 # (arXiv 2503.06923 code: `total = linear2(cat(attn, mlp))`), so attn/proj_mlp only feed it.
 _SINGLE = BlockSpec(
-    encoder="encoder_hidden_states", returns=("encoder", "hidden"), sites=("proj_out",), feeders=("attn", "proj_mlp")
+    encoder="encoder_hidden_states", returns=("encoder", "hidden"), sites=("proj_out",), feeders=("attn", "proj_mlp", "act_mlp")
 )
 
 

@@ -5,7 +5,7 @@ from dcache.pipelines.adapters.base import Adapter, BlockSpec
 # Hunyuan blocks return (hidden, encoder) — the reverse of Flux.
 _DOUBLE = BlockSpec(encoder="encoder_hidden_states", returns=("hidden", "encoder"), sites=("attn", "ff", "ff_context"))
 _SINGLE = BlockSpec(
-    encoder="encoder_hidden_states", returns=("hidden", "encoder"), sites=("proj_out",), feeders=("attn", "proj_mlp")
+    encoder="encoder_hidden_states", returns=("hidden", "encoder"), sites=("proj_out",), feeders=("attn", "proj_mlp", "act_mlp")
 )
 
 
