@@ -57,9 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="end after this many steps of the --steps schedule (the shipped run: 800 of 1000)")
     args = p.parse_args(argv)
     if args.steps <= 0 or args.batch_size <= 0:
         raise ValueError("--steps and --batch-size must be positive")
+    if args.stop_after is not None and args.stop_after <= 0:
+        raise ValueError("--stop-after must be positive")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -84,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for p in transformer.parameters())
     print(f"transformer params {n_params/1e6:.2f}M, data {tuple(data.shape)}", flush=True)
     t_start, running = time.time(), None
-    for step in range(args.steps):
+    last = args.steps if args.stop_after is None else min(args.steps, args.stop_after)
+    for step in range(last):
         idx = torch.randint(0, data.shape[0], (args.batch_size,), generator=gen)
         x0, y = data[idx], labels[idx].clone()
         y[torch.rand(args.batch_size, generator=gen) < args.label_drop] = cfg.num_classes
@@ -111,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
                     pd.lerp_(ps, 1 - decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         done = step + 1
-        if done % args.log_every == 0 or done == args.steps:
+        if done % args.log_every == 0 or done == last:
             el = time.time() - t_start
             print(f"step {done}/{args.steps} loss {loss.item():.4f} ema_loss {running:.4f} "
                   f"lr {lr_at(step):.2e} {done/el:.2f} it/s elapsed {el/60:.1f} min", flush=True)
-        if done % args.save_every == 0 or done == args.steps:
+        if done % args.save_every == 0 or done == last:
             meta = dict(vars(args), out=str(args.out), steps_done=done, ema_loss=running,
                         minutes=(time.time() - t_start) / 60, transformer_params=n_params)
             save_checkpoint(args.out, cfg, ema_t, ema_e, meta)

@@ -12,7 +12,7 @@ from dcache.pipelines.zoo.train_digits import main
 
 
 def test_two_steps_write_a_loadable_checkpoint(tmp_path):
-    assert main(["--out", str(tmp_path), "--steps", "2", "--batch-size", "2", "--log-every", "1"]) == 0
+    assert main(["--out", str(tmp_path), "--steps", "5", "--stop-after", "2", "--batch-size", "2", "--log-every", "1"]) == 0
     meta = json.loads((tmp_path / "digits_model.json").read_text())
     assert meta["training"]["steps_done"] == 2
     pipe = load_reference_pipeline(weights_dir=tmp_path)
