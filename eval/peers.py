@@ -100,8 +100,8 @@ def available_peers(calibration_call: Callable[[Any, int], None], separate_cfg: 
         from diffusers import FirstBlockCacheConfig, TaylorSeerCacheConfig
 
         peers += [
-            Peer("diffusers", "FirstBlockCache", {"threshold": 0.1},
-                 _diffusers(lambda s: FirstBlockCacheConfig(threshold=0.1)), "fbcache"),
+            Peer("diffusers", "FirstBlockCache", {"threshold": 0.2},
+                 _diffusers(lambda s: FirstBlockCacheConfig(threshold=0.2)), "fbcache"),
             Peer("diffusers", "TaylorSeerCache", {"cache_interval": 6, "disable_cache_before_step": 3, "max_order": 1},
                  _diffusers(lambda s: TaylorSeerCacheConfig(cache_interval=6, disable_cache_before_step=3, max_order=1,
                                                             taylor_factors_dtype=torch.float32)), "taylorseer"),
@@ -114,11 +114,11 @@ def available_peers(calibration_call: Callable[[Any, int], None], separate_cfg: 
         import cache_dit  # noqa: F401
 
         peers += [
-            Peer("cache-dit", "DBCache", {"Fn": 1, "Bn": 0, "residual_diff_threshold": 0.1},
-                 _cache_dit(0.1, False, separate_cfg), "fbcache"),
-            Peer("cache-dit", "DBCache+TaylorSeer", {"Fn": 1, "Bn": 0, "residual_diff_threshold": 0.1,
+            Peer("cache-dit", "DBCache", {"Fn": 1, "Bn": 0, "residual_diff_threshold": 0.2},
+                 _cache_dit(0.2, False, separate_cfg), "fbcache"),
+            Peer("cache-dit", "DBCache+TaylorSeer", {"Fn": 1, "Bn": 0, "residual_diff_threshold": 0.2,
                                                      "taylorseer_order": 1},
-                 _cache_dit(0.1, True, separate_cfg), "taylorseer"),
+                 _cache_dit(0.2, True, separate_cfg), "taylorseer"),
         ]
     except ImportError:
         notes.append("cache-dit peers skipped: cache-dit is not installed (pip install dcache[peers])")

@@ -9,9 +9,16 @@ from typing import Any, Sequence
 
 import torch
 
-COLUMNS = [("source", 9), ("policy", 22), ("wall_s", 8), ("speedup", 8), ("computed_fraction", 9),
+COLUMNS = [("source", 9), ("label", 34), ("wall_s", 8), ("speedup", 8), ("computed_fraction", 9),
            ("psnr", 7), ("ssim", 6), ("lpips", 6), ("class_accuracy", 8)]
-HEADERS = {"computed_fraction": "computed", "class_accuracy": "class_acc"}
+HEADERS = {"computed_fraction": "computed", "class_accuracy": "class_acc", "label": "policy"}
+
+
+def label(policy: str, options: dict) -> str:
+    """``taylorseer(interval=5,order=1)``: a row's policy with the options it ran with."""
+    if not options:
+        return policy
+    return f"{policy}({','.join(f'{k}={v}' for k, v in options.items())})"
 
 
 def _fmt(v: Any) -> str:
@@ -82,8 +89,8 @@ def pareto(path: str, rows: Sequence[dict]) -> None:
         if r.get("policy") == "baseline" or r.get("psnr") is None or not math.isfinite(r["psnr"]):
             continue
         ax.scatter(r["speedup"], r["psnr"], marker=markers.get(r["source"], "x"), s=50,
-                   label=f'{r["source"]}: {r["policy"]}')
-        ax.annotate(r["policy"], (r["speedup"], r["psnr"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+                   label=f'{r["source"]}: {r.get("label", r["policy"])}')
+        ax.annotate(r.get("label", r["policy"]), (r["speedup"], r["psnr"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.set_xlabel("wall-clock speedup vs baseline (same run)")
     ax.set_ylabel("PSNR vs baseline (dB)")
     ax.grid(alpha=0.3)
