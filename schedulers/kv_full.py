@@ -29,6 +29,9 @@ class FullKVCache(ARKVCache):
         g = self.groups[layer][0]
         k, v = g.chunk_kv()
         C = self.layout.chunk_frames
+        r = g.regions["history"]
+        if r.valid + C * self.layout.tokens_per_frame > r.cap:
+            raise ValueError(f"kv-full cache was laid out for {self.layout.num_frames} frames; frame {frame_start + C} does not fit")
         g.append("history", k, v, self._frame_positions(frame_start, range(frame_start, frame_start + C)))
 
 
