@@ -107,3 +107,34 @@ def profile_heads(pipe, prompt_embeds_list: list[torch.Tensor], num_frames: int,
         save_head_file(split, out_path, profile=profile, scores=[[round(float(v), 4) for v in row] for row in scores],
                        num_prompts=len(prompt_embeds_list), num_frames=nf, sigmas=list(sigmas))
     return split, scores
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dcache.pipelines.ar_video.profiler --model DIR`` writes DIR/forcingkv_heads.json."""
+    import argparse
+
+    from dcache.pipelines.ar_video.reference import load_reference, prompt_embeds, sample_prompts
+
+    ap = argparse.ArgumentParser(description="Profile static/dynamic heads of the reference AR video model.")
+    ap.add_argument("--model", required=True, help="reference model directory")
+    ap.add_argument("--out", default=None, help="head file (default: MODEL/forcingkv_heads.json)")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--num-frames", type=int, default=12)
+    ap.add_argument("--threshold", type=float, default=0.8)
+    ap.add_argument("--static-fraction", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=100)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    pipe = load_reference(args.model)
+    embs = [prompt_embeds([p]) for p in sample_prompts(args.prompts, args.seed)]
+    out = args.out or os.path.join(args.model, "forcingkv_heads.json")
+    split, scores = profile_heads(pipe, embs, args.num_frames, threshold=args.threshold, static_fraction=args.static_fraction,
+                                  seed=args.seed, out_path=out)
+    for li in range(split.num_layers):
+        print(f"layer {li}: scores {[round(float(s), 3) for s in scores[li]]} static {split.static[li]} dynamic {split.dynamic[li]}")
+    print(f"static {split.counts()[0]} / dynamic {split.counts()[1]} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

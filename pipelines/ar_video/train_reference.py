@@ -37,6 +37,34 @@ def teacher_forcing_mask(num_frames: int, chunk: int) -> torch.Tensor:
     return torch.cat([top, bottom], 0)
 
 
+@torch.no_grad()
+def evaluate(pipe: ARVideoPipeline, clips: int = 16, frames: int = 12, seed: int = 999) -> dict:
+    """Held-out digits, teacher-forced: PSNR (pixels in [0, 1]) of the one-call x0 prediction of every
+    chunk after the first, per sampler sigma, against a copy-the-last-frame baseline."""
+    cfg = pipe.config
+    C = cfg.chunk_frames
+    gen = torch.Generator().manual_seed(seed)
+    x0, prompts, px = make_batch(clips, frames, gen, digit_pool="test")
+    emb = prompt_embeds(prompts)
+    mask = teacher_forcing_mask(frames, C)
+    pos = torch.arange(frames)
+    res = {}
+
+    def psnr(a, b):
+        return float(10 * torch.log10(1.0 / ((a - b) ** 2).mean()))
+
+    for s in sigmas_for(cfg.denoising_steps, cfg.shift):
+        eps = torch.randn(x0.shape, generator=gen)
+        xt = (1 - s) * x0 + s * eps
+        sig = torch.cat([torch.zeros(clips, frames), torch.full((clips, frames), s)], 1)
+        v = pipe.forward_dense(torch.cat([x0, xt], 2), sig, emb, frame_positions=torch.cat([pos, pos]), frame_mask=mask)[:, :, frames:]
+        pred = ((pipe.decode(xt - s * v) + 1) / 2).clamp(0, 1)
+        res[f"x0_psnr_sigma{s:.3f}"] = round(psnr(pred[:, :, C:], px[:, :, C:]), 2)
+    last = torch.cat([px[:, :, c * C - 1 : c * C].expand(-1, -1, C, -1, -1) for c in range(1, frames // C)], 2)
+    res["copy_last_frame_psnr"] = round(psnr(last, px[:, :, C:]), 2)
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -48,8 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-only", action="store_true", help="evaluate the model in --out and print the numbers")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.eval_only:
+        from dcache.pipelines.ar_video.reference import load_reference
+
+        print(json.dumps(evaluate(load_reference(args.out)), indent=1))
+        return 0
     cfg = ARVideoConfig(chunk_frames=3, pixel_shuffle=2, height=12, width=12)
     pipe = ARVideoPipeline(build_transformer(args.seed), cfg)
     model = pipe.transformer.train()
