@@ -13,6 +13,7 @@ For every policy the same prompts and seeds are generated; rows report
   from the torch profiler's allocation events (weights and other pre-existing tensors excluded).
 * ``psnr_vs_full``: PSNR of the decoded frames against ``kv-full`` with the same seed (pixels in
   [0, 1] for the reference model; data range of the full output for random weights).
+  ``null`` in the JSON when the frames are identical (always for ``kv-full`` itself).
 * ``speedup``: ``fps_denoise`` / ``fps_denoise`` of ``kv-full`` (measured in the same run).
 
 Example::
@@ -202,8 +203,10 @@ def main(argv: list[str]) -> int:
             "model": a.model, "num_frames": nfr, "prompts": len(prompts), "repeats": a.repeats,
             "device": str(pipe.device), "dtype": str(dtype).replace("torch.", ""), "threads": a.threads,
         })
+    # JSON has no infinity: identical outputs (PSNR = inf) are written as null
+    clean = [{k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in r.items()} for r in rows]
     with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump(rows, f, indent=1, default=str)
+        json.dump(clean, f, indent=1, default=str)
     cols = ["policy", "fps_denoise", "fps_end_to_end", "kv_bytes", "peak_mem_bytes", "psnr_vs_full", "speedup", "kv_reduction", "mean_keys_per_head"]
     print(" | ".join(f"{c:>14s}" for c in cols))
     for r in rows:
