@@ -95,13 +95,12 @@ class _DcacheHandle:
     def stats(self) -> dict:
         p = self._pipe
         out = {"policy": type(p._policy).policy_name, "config": asdict(p._policy)}
-        if p._last_cache is not None:
-            out.update(p._last_cache.stats())
+        out.update(p._last_stats)
         out.update(p.last_timings)
         return out
 
     def reset(self) -> None:
-        self._pipe._last_cache = None
+        self._pipe._last_stats = {}
         self._pipe.last_timings = {}
 
 
@@ -122,7 +121,7 @@ class ARVideoPipeline:
         self._install()
         self._default_policy = KVFullConfig()
         self._policy = self._default_policy
-        self._last_cache = None
+        self._last_stats: dict = {}
         self.last_timings: dict = {}
         self.trace: list | None = None  # set to [] to record every forward (tests)
 
@@ -167,13 +166,13 @@ class ARVideoPipeline:
         if len(configs) != 1 or len(kv) != 1:
             raise ValueError(f"the AR video pipeline takes exactly one kv policy (kv-full, kv-rolling, forcing-kv), got {[type(c).__name__ for c in configs]}")
         self._policy = kv[0]
-        self._last_cache = None
+        self._last_stats = {}
         self.last_timings = {}
         self.dcache = _DcacheHandle(self)
 
     def _dcache_disable(self) -> None:
         self._policy = self._default_policy
-        self._last_cache = None
+        self._last_stats = {}
         if hasattr(self, "dcache"):
             del self.dcache
 
@@ -288,7 +287,9 @@ class ARVideoPipeline:
         if frames.is_cuda:
             torch.cuda.synchronize(frames.device)
         t3 = time.perf_counter()
-        self._last_cache = cache
+        # keep numbers, not tensors: the cache is freed when the generation ends
+        self._last_stats = cache.stats()
+        del cache
         self.last_timings = {
             "num_frames": num_frames,
             "denoise_s": t2 - t1,

@@ -49,6 +49,8 @@ def test_protocol_stats_reset_and_errors(pipe, emb, head_file):
     assert pipe._dcache_task == "ar-video"
     dcache.accelerate(pipe, policy="forcing-kv", head_file=head_file)
     pipe(emb, num_frames=9, seed=0)
+    assert pipe.ctx.cache is None and not pipe.ctx.cross_cache  # nothing cached survives the run
+    assert not any(torch.is_tensor(v) for v in pipe._last_stats.values())
     s = pipe.dcache.stats()
     assert s["policy"] == "forcing-kv" and s["kv_bytes"] > 0 and s["fps_denoise"] > 0
     assert s["static_heads"] == 3 and s["dynamic_heads"] == 5
