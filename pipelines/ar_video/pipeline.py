@@ -41,7 +41,8 @@ class ARVideoConfig:
 
     chunk_frames >= 1; denoising_steps: strictly decreasing values in (0, 1000]; shift > 0;
     context_noise in [0, 1000): timestep of the clean commit pass; pixel_shuffle: 0 = output
-    latents, r >= 2 = decode by depth-to-space with factor r (the reference models' "VAE").
+    latents, r >= 2 = decode by depth-to-space with factor r and map [-1, 1] to [0, 1] (the
+    reference models' "VAE").
     height/width: default latent size (0 = must be given per call).
     """
 
@@ -227,7 +228,7 @@ class ARVideoPipeline:
             return latents
         B, C, nf, h, w = latents.shape
         px = F.pixel_shuffle(latents.transpose(1, 2).reshape(B * nf, C, h, w), r)
-        return px.reshape(B, nf, *px.shape[1:]).transpose(1, 2)
+        return (px.reshape(B, nf, *px.shape[1:]).transpose(1, 2) + 1) / 2
 
     @torch.no_grad()
     def __call__(self, prompt_embeds: torch.Tensor | None = None, num_frames: int = 21, height: int | None = None,

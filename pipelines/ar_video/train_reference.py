@@ -58,7 +58,7 @@ def evaluate(pipe: ARVideoPipeline, clips: int = 16, frames: int = 12, seed: int
         xt = (1 - s) * x0 + s * eps
         sig = torch.cat([torch.zeros(clips, frames), torch.full((clips, frames), s)], 1)
         v = pipe.forward_dense(torch.cat([x0, xt], 2), sig, emb, frame_positions=torch.cat([pos, pos]), frame_mask=mask)[:, :, frames:]
-        pred = ((pipe.decode(xt - s * v) + 1) / 2).clamp(0, 1)
+        pred = pipe.decode(xt - s * v).clamp(0, 1)
         res[f"x0_psnr_sigma{s:.3f}"] = round(psnr(pred[:, :, C:], px[:, :, C:]), 2)
     last = torch.cat([px[:, :, c * C - 1 : c * C].expand(-1, -1, C, -1, -1) for c in range(1, frames // C)], 2)
     res["copy_last_frame_psnr"] = round(psnr(last, px[:, :, C:]), 2)
