@@ -152,6 +152,7 @@ def main(argv: list[str]) -> int:
     times = {n: [] for n in names}
     e2e = {n: [] for n in names}
     psnrs = {n: [] for n in names}
+    per_chunk = {n: [] for n in names}  # PSNR per chunk, averaged over prompts: where the drift starts
     stats = {}
     bar = tqdm(total=len(prompts) * len(names) * a.repeats, desc="ar-video bench", file=sys.stderr)
     for pi, (emb, prompt) in enumerate(prompts):
@@ -170,7 +171,10 @@ def main(argv: list[str]) -> int:
                         rng = 1.0 if kind == "pixels" else float(ref.max() - ref.min())
                     if kind == "pixels":
                         frames = frames.clamp(0, 1)
-                    psnrs[n].append(_psnr(frames, ref.clamp(0, 1) if kind == "pixels" else ref, rng))
+                    r_ = ref.clamp(0, 1) if kind == "pixels" else ref
+                    psnrs[n].append(_psnr(frames, r_, rng))
+                    C = pipe.config.chunk_frames
+                    per_chunk[n].append([_psnr(frames[:, :, c : c + C], r_[:, :, c : c + C], rng) for c in range(0, a.num_frames, C)])
                     stats[n] = pipe.dcache.stats()
                 bar.update(1)
     bar.close()
@@ -196,6 +200,8 @@ def main(argv: list[str]) -> int:
             "psnr_vs_full": (round(min(finite), 2) if len(finite) == len(psnrs[n]) else float("inf")) if n != "kv-full" else float("inf"),
             "psnr_vs_full_mean": round(statistics.mean(finite), 2) if finite and len(finite) == len(psnrs[n]) else float("inf"),
             "speedup": round(fps / fps_full, 3),
+            "psnr_vs_full_per_chunk": [round(statistics.mean(col), 1) if all(map(math.isfinite, col)) else float("inf")
+                                       for col in zip(*per_chunk[n])],
             "kv_reduction": round(1 - s["kv_bytes"] / stats["kv-full"]["kv_bytes"], 4),
             "mean_keys_per_head": round(s["mean_keys_per_head"], 1),
             "chunk_slot_bytes": s["chunk_slot_bytes"],
@@ -204,7 +210,12 @@ def main(argv: list[str]) -> int:
             "device": str(pipe.device), "dtype": str(dtype).replace("torch.", ""), "threads": a.threads,
         })
     # JSON has no infinity: identical outputs (PSNR = inf) are written as null
-    clean = [{k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in r.items()} for r in rows]
+    def _finite(v):
+        if isinstance(v, list):
+            return [_finite(x) for x in v]
+        return None if isinstance(v, float) and math.isinf(v) else v
+
+    clean = [{k: _finite(v) for k, v in r.items()} for r in rows]
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump(clean, f, indent=1, default=str)
     cols = ["policy", "fps_denoise", "fps_end_to_end", "kv_bytes", "peak_mem_bytes", "psnr_vs_full", "speedup", "kv_reduction", "mean_keys_per_head"]
