@@ -1,0 +1,134 @@
+"""Attention processors and RoPE that turn diffusers' WanTransformer3DModel into a causal model.
+
+* :class:`FrameOffsetRope` replaces ``transformer.rope`` and reads the absolute frame index of each
+  latent frame from a shared :class:`RunContext`, so cached keys keep their absolute temporal phase.
+* :class:`CausalSelfAttnProcessor` (on every ``attn1``) projects, RMS-normalises and rotates q/k,
+  then either attends through the policy's KV cache (chunk mode) or runs dense attention with a
+  frame-level mask (reference / training mode).
+* :class:`CachedCrossAttnProcessor` (on every ``attn2``) computes the text K/V once per generation.
+
+The blocks, projections, norms, FFN and modulation are diffusers' own modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["RunContext", "FrameOffsetRope", "CausalSelfAttnProcessor", "CachedCrossAttnProcessor", "apply_rope"]
+
+
+@dataclass
+class RunContext:
+    """State shared by the rope and the processors of one transformer during a forward."""
+
+    frame_positions: torch.Tensor | None = None  # absolute frame index of every input frame
+    mode: str = "dense"  # "dense" (mask or none) | "cache"
+    frame_mask: torch.Tensor | None = None  # [F, F] bool, True = may attend (dense mode)
+    tokens_per_frame: int = 0
+    cache: Any = None
+    commit: bool = False
+    frame_start: int = 0
+    cross_cache: dict = field(default_factory=dict)  # layer -> (k, v)
+    cross_cache_on: bool = False
+    recorder: Any = None  # head profiler hook: called with (layer, q, k) in dense mode
+
+
+class FrameOffsetRope(nn.Module):
+    """Wan 3D RoPE whose temporal index comes from ``ctx.frame_positions`` instead of ``0..F-1``.
+
+    Uses the frequency tables of the wrapped ``WanRotaryPosEmbed`` (same t/h/w split), so with
+    positions ``0..F-1`` it returns exactly what the original module returns.
+    """
+
+    def __init__(self, inner: nn.Module, ctx: RunContext):
+        super().__init__()
+        self.inner = inner
+        self.ctx = ctx
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = self.inner
+        _, _, nf, h, w = hidden_states.shape
+        pt, ph, pw = r.patch_size
+        f, hh, ww = nf // pt, h // ph, w // pw
+        pos = self.ctx.frame_positions
+        if pos is None:
+            pos = torch.arange(f)
+        if pos.numel() != f:
+            raise ValueError(f"frame_positions has {pos.numel()} entries for {f} latent frames")
+        pos = pos.to(r.freqs_cos.device)
+        out = []
+        for table in (r.freqs_cos, r.freqs_sin):
+            t, hd, wd = table.split([r.t_dim, r.h_dim, r.w_dim], dim=1)
+            parts = (
+                t[pos].view(f, 1, 1, -1).expand(f, hh, ww, -1),
+                hd[:hh].view(1, hh, 1, -1).expand(f, hh, ww, -1),
+                wd[:ww].view(1, 1, ww, -1).expand(f, hh, ww, -1),
+            )
+            out.append(torch.cat(parts, dim=-1).reshape(1, f * hh * ww, 1, -1))
+        return out[0], out[1]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of ``x`` ([B, L, H, D]) by Wan's real-valued cos/sin tables."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2).type_as(x)
+
+
+def expand_frame_mask(frame_mask: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
+    return frame_mask.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+
+
+class CausalSelfAttnProcessor:
+    """Self-attention for layer ``layer`` of a causal Wan model (see module docstring)."""
+
+    def __init__(self, layer: int, ctx: RunContext):
+        self.layer = layer
+        self.ctx = ctx
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kw):
+        ctx = self.ctx
+        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
+        v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            q, k = apply_rope(q, *rotary_emb), apply_rope(k, *rotary_emb)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
+        if ctx.mode == "cache":
+            out = ctx.cache.attend(self.layer, q, k, v, ctx.frame_start, ctx.commit)
+        else:
+            mask = None
+            if ctx.frame_mask is not None:
+                mask = expand_frame_mask(ctx.frame_mask, ctx.tokens_per_frame).to(q.device)
+            if ctx.recorder is not None:
+                ctx.recorder(self.layer, q, k)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).flatten(2, 3).type_as(hidden_states)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class CachedCrossAttnProcessor:
+    """Text cross-attention whose K/V are computed on the first call of a generation and reused."""
+
+    def __init__(self, layer: int, ctx: RunContext):
+        self.layer = layer
+        self.ctx = ctx
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kw):
+        ctx = self.ctx
+        cached = ctx.cross_cache.get(self.layer) if ctx.cross_cache_on else None
+        if cached is None:
+            k = attn.norm_k(attn.to_k(encoder_hidden_states)).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+            v = attn.to_v(encoder_hidden_states).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+            if ctx.cross_cache_on:
+                ctx.cross_cache[self.layer] = (k, v)
+        else:
+            k, v = cached
+        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2, 3).type_as(hidden_states)
+        return attn.to_out[1](attn.to_out[0](out))

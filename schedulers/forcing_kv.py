@@ -1,0 +1,158 @@
+"""``forcing-kv``: hybrid KV compression with an offline static/dynamic head split.
+
+After Forcing-KV (arXiv 2605.09681, zju-jiyicheng/Forcing-KV; behaviour summarised in
+``docs/ar_video.md``, no code taken). Per layer, heads are split by an offline profile
+(:mod:`dcache.pipelines.ar_video.profiler` writes the head file):
+
+* **static heads** keep the sink frames + the newest ``static_ctx_frames`` committed frames (the
+  "transition" frame) + the current chunk;
+* **dynamic heads** keep the sink + the newest ``dynamic_ring_frames`` frames + a fixed buffer of
+  ``dynamic_budget_frames`` frame-equivalents filled with the segments that changed most. Every
+  clean pass, the frames that leave the dynamic ring are cut into ``num_segments`` raster-order
+  segments, each scored by the mean cosine similarity of its keys (all dynamic heads flattened,
+  batch element 0) with the same positions in the next frame; the lowest-similarity segments
+  replace the buffer's content. The selection is computed by the first layer that has dynamic
+  heads and reused by the other layers.
+
+Layers in ``unsplit_layers`` (default: layer 0, as in the reference) treat every head as static.
+Deviation from the reference: the split applies from the first commit (the reference switches at
+``ar_start``=1 and before that cuts all heads to sink + 1 frame, which is the static rule).
+
+Example::
+
+    pipe = dcache.accelerate(pipe, policy="forcing-kv", head_file="heads.json", dynamic_budget_frames=1)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dcache.registry import register_policy
+from dcache.schedulers._forcing_heads import HeadSplit, load_head_file
+from dcache.schedulers._kv_ring import ARKVCache, CacheLayout, HeadGroup
+
+
+class ForcingKVCache(ARKVCache):
+    policy = "forcing-kv"
+
+    def __init__(self, layout: CacheLayout, cfg: "ForcingKVConfig", split: HeadSplit):
+        super().__init__(layout)
+        T, H = layout.tokens_per_frame, layout.num_heads
+        if T % cfg.num_segments:
+            raise ValueError(f"num_segments={cfg.num_segments} must divide tokens_per_frame={T}")
+        if split.num_layers != layout.num_layers or split.num_heads != H:
+            raise ValueError(f"head split is for {split.num_layers}x{split.num_heads} heads, model has {layout.num_layers}x{H}")
+        self.cfg, self.split = cfg, split
+        self.seg_tokens = T // cfg.num_segments
+        self._sel: torch.Tensor | None = None
+        s_regions = [("sink", cfg.sink_frames * T), ("ring", cfg.static_ctx_frames * T)]
+        d_regions = [("sink", cfg.sink_frames * T), ("ring", cfg.dynamic_ring_frames * T), ("selected", cfg.dynamic_budget_frames * T)]
+        for layer in range(layout.num_layers):
+            static = list(range(H)) if layer in cfg.unsplit_layers else split.static[layer]
+            dynamic = [h for h in range(H) if h not in static]
+            groups = []
+            if static:
+                groups.append(HeadGroup(layout, None if not dynamic else static, s_regions))
+                groups[-1].kind = "static"
+            if dynamic:
+                groups.append(HeadGroup(layout, None if not static else dynamic, d_regions))
+                groups[-1].kind = "dynamic"
+            self.groups.append(groups)
+
+    def _commit(self, layer: int, frame_start: int) -> None:
+        if layer == 0:
+            self._sel = None
+        for g in self.groups[layer]:
+            if g.kind == "static":
+                self._commit_sink_then(g, frame_start, "ring", self.cfg.sink_frames)
+            else:
+                self._commit_dynamic(g, frame_start)
+
+    def _commit_dynamic(self, g: HeadGroup, frame_start: int) -> None:
+        T, C = self.layout.tokens_per_frame, self.layout.chunk_frames
+        k, v = g.chunk_kv()
+        n_sink = max(0, min(C, self.cfg.sink_frames - frame_start))
+        if n_sink:
+            g.append("sink", k[:, :, : n_sink * T], v[:, :, : n_sink * T], self._frame_positions(frame_start, range(frame_start, frame_start + n_sink)))
+        new_k, new_v = k[:, :, n_sink * T :], v[:, :, n_sink * T :]
+        new_pos = self._frame_positions(frame_start, range(frame_start + n_sink, frame_start + C))
+        ring, sel_region = g.regions["ring"], g.regions["selected"]
+        old_slots = ring.chrono_slots()
+        n_frames = (len(old_slots) + new_k.shape[2]) // T
+        n_cand = max(0, n_frames - ring.cap // T)
+        if n_cand and sel_region.cap:
+            old_k, old_v = g.region_kv("ring", old_slots)
+            seq_k, seq_v = torch.cat([old_k, new_k], 2), torch.cat([old_v, new_v], 2)
+            seq_pos = torch.cat([ring.pos[old_slots], new_pos])
+            if self._sel is None or int(self._sel.max()) >= n_cand * T:
+                self._sel = select_segments(seq_k, T, n_cand, self.cfg.num_segments, sel_region.cap // self.seg_tokens)
+            idx = self._sel.to(seq_k.device)
+            g.overwrite("selected", seq_k.index_select(2, idx), seq_v.index_select(2, idx), seq_pos[self._sel])
+        g.append("ring", new_k, new_v, new_pos)
+
+    def stats(self) -> dict:
+        s = super().stats()
+        ns, nd = self.split.counts()
+        s.update(static_heads=ns, dynamic_heads=nd)
+        return s
+
+
+def select_segments(seq_k: torch.Tensor, tokens_per_frame: int, n_cand: int, num_segments: int, max_segments: int) -> torch.Tensor:
+    """Token indices (into ``seq_k``'s token axis, sorted) of the lowest-similarity segments.
+
+    ``seq_k`` is ``[B, Hg, n_frames * T, D]`` in time order; the first ``n_cand`` frames are the
+    candidates and frame ``i + 1`` is the successor of candidate ``i``. Only batch 0 is scored.
+    """
+    T, P = tokens_per_frame, num_segments
+    seg = T // P
+    Hg, D = seq_k.shape[1], seq_k.shape[3]
+    frames = seq_k[0, :, : (n_cand + 1) * T].reshape(Hg, n_cand + 1, T, D).permute(1, 2, 0, 3).reshape(n_cand + 1, T, Hg * D)
+    cos = F.cosine_similarity(frames[:n_cand].float(), frames[1:].float(), dim=-1)
+    scores = cos.reshape(n_cand, P, seg).mean(-1).flatten()
+    k = min(max_segments, scores.numel())
+    chosen = torch.sort(torch.topk(scores.cpu(), k, largest=False).indices).values
+    starts = (chosen // P) * T + (chosen % P) * seg
+    return (starts[:, None] + torch.arange(seg)[None, :]).flatten()
+
+
+@register_policy("forcing-kv", description="AR video: Forcing-KV static/dynamic head hybrid KV compression", task="ar-video", granularity="kv")
+@dataclass
+class ForcingKVConfig:
+    """Forcing-KV budgets, all in latent frames (or frame-equivalents of tokens).
+
+    head_file: JSON from the head profiler; None = the pipeline's default head file (the reference
+        model ships one). sink_frames >= 0. static_ctx_frames >= 0: newest frames static heads keep.
+    dynamic_ring_frames >= 1: newest frames dynamic heads keep. dynamic_budget_frames >= 0: size of
+        the selected-segment buffer. num_segments >= 1: segments per frame (must divide the tokens per
+        frame). unsplit_layers: layers whose heads are all treated as static.
+    """
+
+    head_file: str | None = None
+    sink_frames: int = 1
+    static_ctx_frames: int = 1
+    dynamic_ring_frames: int = 1
+    dynamic_budget_frames: int = 1
+    num_segments: int = 6
+    unsplit_layers: tuple = (0,)
+
+    def __post_init__(self) -> None:
+        for name, lo in (("sink_frames", 0), ("static_ctx_frames", 0), ("dynamic_ring_frames", 1), ("dynamic_budget_frames", 0), ("num_segments", 1)):
+            val = getattr(self, name)
+            if not isinstance(val, int) or isinstance(val, bool) or val < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {val!r}")
+        if self.head_file is not None and not isinstance(self.head_file, (str, os.PathLike)):
+            raise ValueError(f"head_file must be a path or None, got {type(self.head_file).__name__}")
+        try:
+            self.unsplit_layers = tuple(int(i) for i in self.unsplit_layers)
+        except (TypeError, ValueError):
+            raise ValueError(f"unsplit_layers must be a sequence of layer indices, got {self.unsplit_layers!r}") from None
+
+    def build_cache(self, layout: CacheLayout, default_head_file: str | None = None) -> ForcingKVCache:
+        path = self.head_file or default_head_file
+        if path is None:
+            raise ValueError("forcing-kv needs head_file=...; make one with dcache.pipelines.ar_video.profiler.profile_heads")
+        return ForcingKVCache(layout, self, load_head_file(path, layout.num_layers, layout.num_heads))

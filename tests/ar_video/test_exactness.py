@@ -1,0 +1,77 @@
+"""The cached chunk loop computes exactly what one block-causal forward computes."""
+
+import torch
+
+import dcache
+from dcache.pipelines.ar_video.pipeline import block_causal_frame_mask
+
+TOL = 1e-4  # fp32; observed max |diff| ~1e-6 on outputs of magnitude ~3
+
+
+def test_rope_wrapper_matches_diffusers_rope(pipe):
+    x = torch.randn(1, 4, 5, 8, 12)
+    ref = pipe.transformer.rope.inner(x)
+    pipe.ctx.frame_positions = None
+    ours = pipe.transformer.rope(x)
+    assert torch.equal(ref[0], ours[0]) and torch.equal(ref[1], ours[1])
+    pipe.ctx.frame_positions = torch.arange(3, 8)
+    shifted = pipe.transformer.rope(x)
+    pipe.ctx.frame_positions = None
+    big = pipe.transformer.rope.inner(torch.randn(1, 4, 8, 8, 12))
+    assert torch.equal(shifted[0], big[0][:, 3 * 24 :])
+
+
+def test_full_cache_equals_block_causal_forward(pipe, emb):
+    pipe.trace = []
+    pipe(emb, num_frames=9, seed=0)
+    clean = torch.cat([t["x"] for t in pipe.trace if t["commit"]], 2)
+    v_commit = torch.cat([t["v"] for t in pipe.trace if t["commit"]], 2)
+    nf = clean.shape[2]
+    v_dense = pipe.forward_dense(clean, torch.zeros(1, nf), emb, frame_mask=block_causal_frame_mask(nf, 3))
+    assert v_commit.abs().max() > 0.1
+    assert (v_dense - v_commit).abs().max() < TOL
+    noisy = [t for t in pipe.trace if not t["commit"]]
+    assert len(noisy) == 3 * 4
+    for t in noisy:
+        fs = t["frame_start"]
+        x = torch.cat([clean[:, :, :fs], t["x"]], 2)
+        sig = torch.cat([torch.zeros(1, fs), torch.full((1, 3), t["sigma"])], 1)
+        v = pipe.forward_dense(x, sig, emb, frame_mask=block_causal_frame_mask(fs + 3, 3))[:, :, fs:]
+        assert (v - t["v"]).abs().max() < TOL, (fs, t["sigma"])
+
+
+def test_mask_matters(pipe, emb):
+    """Guard against a vacuous exactness test: dropping the causal mask changes the output."""
+    pipe.trace = []
+    pipe(emb, num_frames=6, seed=0)
+    clean = torch.cat([t["x"] for t in pipe.trace if t["commit"]] + [pipe.trace[-1]["x"]], 2)
+    v_c = pipe.forward_dense(clean, torch.zeros(1, 6), emb, frame_mask=block_causal_frame_mask(6, 3))
+    v_n = pipe.forward_dense(clean, torch.zeros(1, 6), emb, frame_mask=None)
+    assert (v_c[:, :, :3] - v_n[:, :, :3]).abs().max() > 1e-3
+
+
+def test_forcing_kv_unlimited_budget_equals_full(pipe, emb, head_file):
+    ref = pipe(emb, num_frames=12, seed=3).latents
+    dcache.accelerate(pipe, policy="forcing-kv", head_file=head_file, static_ctx_frames=12, dynamic_ring_frames=12, sink_frames=1)
+    out = pipe(emb, num_frames=12, seed=3).latents
+    assert (out - ref).abs().max() < TOL
+    dcache.accelerate(pipe, policy="forcing-kv", head_file=head_file)  # default budgets do differ
+    small = pipe(emb, num_frames=12, seed=3).latents
+    assert (small - ref).abs().max() > 1e-3
+
+
+def test_rolling_with_large_window_equals_full(pipe, emb):
+    ref = pipe(emb, num_frames=9, seed=1).latents
+    dcache.accelerate(pipe, policy="kv-rolling", sink_frames=2, window_frames=20)
+    assert (pipe(emb, num_frames=9, seed=1).latents - ref).abs().max() < TOL
+    dcache.accelerate(pipe, policy="kv-rolling", sink_frames=0, window_frames=1)
+    assert (pipe(emb, num_frames=9, seed=1).latents - ref).abs().max() > 1e-3
+
+
+def test_disable_restores_bitwise(pipe, emb, head_file):
+    ref = pipe(emb, num_frames=6, seed=2).latents
+    dcache.accelerate(pipe, policy="forcing-kv", head_file=head_file)
+    pipe(emb, num_frames=6, seed=2)
+    dcache.disable(pipe)
+    assert torch.equal(pipe(emb, num_frames=6, seed=2).latents, ref)
+    assert not hasattr(pipe, "dcache")

@@ -1,0 +1,28 @@
+"""The shipped reference model loads, runs under every policy, and its head file is valid."""
+
+import os
+
+import pytest
+import torch
+
+import dcache
+from dcache.pipelines.ar_video.reference import reference_dir
+
+pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(reference_dir(), "config.json")), reason="reference weights not shipped")
+
+
+def test_reference_model_runs_under_every_policy():
+    from dcache.pipelines.ar_video.reference import load_reference
+    from dcache.schedulers._forcing_heads import load_head_file
+
+    pipe = load_reference()
+    split = load_head_file(pipe.head_file, pipe.num_layers, pipe.num_heads)
+    assert sum(split.counts()) == pipe.num_layers * pipe.num_heads
+    ref = pipe(prompt=[(4, 1, 2)], num_frames=9, seed=0).frames
+    assert ref.shape == (1, 1, 9, 24, 24)
+    for name in ("kv-rolling", "forcing-kv"):
+        dcache.accelerate(pipe, policy=name)
+        out = pipe(prompt=[(4, 1, 2)], num_frames=9, seed=0).frames
+        assert out.shape == ref.shape and torch.isfinite(out).all()
+        assert pipe.dcache.stats()["kv_bytes"] > 0
+    dcache.disable(pipe)
