@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import torch
 
-COLUMNS = [("source", 9), ("label", 34), ("wall_s", 8), ("speedup", 8), ("computed_fraction", 9),
+COLUMNS = [("source", 9), ("label", 8), ("wall_s", 8), ("speedup", 8), ("computed_fraction", 9),
            ("psnr", 7), ("ssim", 6), ("lpips", 6), ("class_accuracy", 8)]
 HEADERS = {"computed_fraction": "computed", "class_accuracy": "class_acc", "label": "policy"}
 
@@ -32,10 +32,11 @@ def _fmt(v: Any) -> str:
 
 
 def table(rows: Sequence[dict]) -> str:
-    head = "  ".join(HEADERS.get(c, c).ljust(w) for c, w in COLUMNS)
+    widths = [max([w, len(HEADERS.get(c, c))] + [len(_fmt(r.get(c))) for r in rows]) for c, w in COLUMNS]
+    head = "  ".join(HEADERS.get(c, c).ljust(w) for (c, _), w in zip(COLUMNS, widths))
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append("  ".join(_fmt(r.get(c)).ljust(w) for c, w in COLUMNS))
+        lines.append("  ".join(_fmt(r.get(c)).ljust(w) for (c, _), w in zip(COLUMNS, widths)))
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ def test_parse_policies():
 
 def test_bench_embedded_model_writes_results(tmp_path, capsys):
     out = tmp_path / "b"
-    rc = cli(["bench", "--steps", "4", "--num-samples", "2", "--policies", "static(interval=2),taylorseer(interval=2,warmup_steps=1)",
+    rc = cli(["bench", "--steps", "4", "--num-samples", "2", "--repeats", "1", "--policies", "static(interval=2),taylorseer(interval=2,warmup_steps=1)",
               "--out", str(out)])
     assert rc == 0
     rows = json.loads((out / "results.json").read_text())
