@@ -174,6 +174,8 @@ def _run(model: Any, prompts: Any, attention_mask: torch.Tensor | None, gen_leng
                                       step=total_steps, block_step=i, decode_next=decode_next,
                                       decoded_prev=decoded_prev)
                     logits, idx = fwd(ctx, masked, pos)
+                    if mask_id < logits.shape[-1]:
+                        logits[..., mask_id] = float("-inf")  # committing MASK would never finish
                     x0_a, conf_a = sample(logits)
                     x0 = torch.full((B, L + 1), mask_id, dtype=torch.long, device=dev)
                     conf = torch.full((B, L + 1), float("-inf"), dtype=torch.float32, device=dev)
