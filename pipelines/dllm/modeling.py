@@ -50,20 +50,29 @@ class KVCache:
     decision, passed to the forward as ``key_mask``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep_hidden: bool = False) -> None:
         self.k: list[torch.Tensor | None] = []
         self.v: list[torch.Tensor | None] = []
+        self.h: list[torch.Tensor] = []
         self.length = 0
+        self.keep_hidden = keep_hidden  # also keep every layer's input (elastic recomputes from a depth)
+        self.probe: Any = None  # object with widen(...) and attention(...), set by drift-based policies
 
     def reset(self) -> None:
-        self.k, self.v, self.length = [], [], 0
+        self.k, self.v, self.h, self.length = [], [], [], 0
 
     @property
     def filled(self) -> bool:
         return bool(self.k)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.k + self.v + self.h if t is not None)
+
+    def _ensure_hidden(self, n_layers: int, like: torch.Tensor, L: int) -> None:
+        B, _, D = like.shape
+        if self.h and self.h[0].shape == (B, L + 1, D) and self.h[0].dtype == like.dtype:
+            return
+        self.h = [like.new_zeros(B, L + 1, D) for _ in range(n_layers)]
 
     def _ensure(self, n_layers: int, like: torch.Tensor, L: int) -> None:
         B, H, _, D = like.shape
@@ -127,7 +136,6 @@ class _DLLMBase(nn.Module):
         super().__init__()
         self.config = config
         self._dcache_policy = None
-        self._attn_probe = None  # set by policies that need attention weights (elastic)
 
     # --- pieces the subclasses provide -------------------------------------------------------
     def _embed(self) -> nn.Embedding: ...
@@ -208,11 +216,33 @@ class _DLLMBase(nn.Module):
             Lq = active.shape[1]
             scatter_idx = active[:, None, :, None]
 
+        keep_h = cache is not None and cache.keep_hidden
+        probe = cache.probe if (cache is not None and active is not None) else None
+        out_idx = None  # set when an active forward widens to every token (elastic refresh)
         for li, p in enumerate(parts):
+            if keep_h:
+                if active is None:
+                    if li == 0:
+                        cache._ensure_hidden(len(parts), h, L)
+                    cache.h[li][:, :L] = h
+                else:
+                    cache.h[li].scatter_(1, active[:, :, None].expand(B, Lq, h.shape[-1]), h)
             x = p.norm1(h)
             q = p.q(x).view(B, Lq, nh, hd).transpose(1, 2)
             k = p.k(x).view(B, Lq, nkv, hd).transpose(1, 2)
             v = p.v(x).view(B, Lq, nkv, hd).transpose(1, 2)
+            if active is not None and probe is not None and probe.widen(li, active, k, v, cache.k[li], cache.v[li]):
+                # recompute every token from this layer on, from the cached layer inputs
+                if not keep_h:
+                    raise ValueError("widening an active forward needs a KVCache with keep_hidden=True")
+                out_idx = safe
+                h = cache.h[li][:, :L].clone()
+                active, Lq, qcos, qsin = None, L, cos, sin
+                mask = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None
+                x = p.norm1(h)
+                q = p.q(x).view(B, Lq, nh, hd).transpose(1, 2)
+                k = p.k(x).view(B, Lq, nkv, hd).transpose(1, 2)
+                v = p.v(x).view(B, Lq, nkv, hd).transpose(1, 2)
             if active is None:
                 if cache is not None:
                     if li == 0:
@@ -227,12 +257,14 @@ class _DLLMBase(nn.Module):
                 kk = _rotate(cache.k[li][:, :, :L], cos, sin)
                 vv = cache.v[li][:, :, :L]
             qq = _rotate(q, qcos, qsin)
-            if self._attn_probe is not None:
-                self._attn_probe(li, qq, kk, mask)
+            if probe is not None and active is not None:
+                probe.attention(li, active, qq, kk, mask)
             a = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, enable_gqa=nkv != nh)
             h = h + p.o(a.transpose(1, 2).reshape(B, Lq, nh * hd))
             x = p.norm2(h)
             h = h + p.down(F.silu(p.gate(x)) * p.up(x))
+        if out_idx is not None:
+            h = h.gather(1, out_idx[:, :, None].expand(B, out_idx.shape[1], h.shape[-1]))
         logits = self._head()(self._final_norm()(h))
         return DLLMOutput(logits=logits)
 
@@ -300,7 +332,6 @@ class _DLLMBase(nn.Module):
 
     def _dcache_disable(self) -> None:
         self._dcache_policy = None
-        self._attn_probe = None
         if "dcache" in self.__dict__:
             del self.__dict__["dcache"]
 

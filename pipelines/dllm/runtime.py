@@ -42,6 +42,7 @@ class DLLMCacheHandle:
         self.tokens_canvas = 0
         self.peak_cache_bytes = 0
         self.runs = 0
+        self.partial_refreshes = 0
 
     def stats(self) -> dict[str, Any]:
         frac = self.tokens_computed / self.tokens_canvas if self.tokens_canvas else 1.0
@@ -53,6 +54,7 @@ class DLLMCacheHandle:
             "cached_forwards": self.forwards - self.full_forwards,
             "token_fraction_computed": frac,
             "est_speedup": 1.0 / frac if frac > 0 else float("inf"),
+            "partial_refreshes": self.partial_refreshes,
             "peak_cache_bytes": self.peak_cache_bytes,
         }
 
@@ -64,7 +66,9 @@ class CachedForward:
         self.model = model
         self.planner = config.make_planner() if config is not None else None
         self.handle = handle
-        self.cache = KVCache()
+        self.cache = KVCache(keep_hidden=bool(getattr(config, "keep_hidden", False)))
+        if self.planner is not None and hasattr(self.planner, "widen"):
+            self.cache.probe = self.planner
         self.nfe = 0
         if handle is not None:
             handle.runs += 1
@@ -97,6 +101,12 @@ class CachedForward:
             logits = out.logits
             idx = torch.where(qidx < L, qidx + shift, qidx).clamp_max(L)
             computed = int(act.sum())
+            if getattr(self.planner, "_widened", False):
+                depth = self.planner.widened_at[-1]
+                n = len(self.model._layer_parts())
+                computed += int((B * L - computed) * (n - depth) / n)
+                if self.handle is not None:
+                    self.handle.partial_refreshes += 1
         if self.planner is not None:
             self.planner.observe(ctx, plan)
         h = self.handle

@@ -14,6 +14,8 @@ POLICIES = [
     ("dual-cache", dict(threshold=0.5)),
     ("prefix-cache", dict(threshold=None)),
     ("dual-cache", dict(threshold=None)),
+    ("elastic", dict(gamma=0.9, threshold=None)),
+    ("elastic", dict(gamma=0.5, threshold=0.5, max_interval=4)),
 ]
 
 
@@ -162,6 +164,8 @@ def test_bad_inputs_raise(llada, dream):
         dcache.accelerate(llada, policy="dkv", refresh_interval=0)
     with pytest.raises(ValueError, match="threshold"):
         dcache.accelerate(llada, policy="dual-cache", threshold=1.5)
+    with pytest.raises(ValueError, match="gamma"):
+        dcache.accelerate(llada, policy="elastic", gamma=0)
     with pytest.raises(ValueError, match="accepted.*dkv"):
         dcache.accelerate(llada, policy="taylorseer")
     dcache.accelerate(llada, policy="dkv", variant="greedy")

@@ -115,3 +115,35 @@ def test_active_forward_needs_a_filled_cache(llada):
     ids = torch.randint(0, 100, (1, 8))
     with pytest.raises(ValueError, match="KVCache"):
         llada(ids, active=torch.tensor([[1]]), cache=KVCache(), key_mask=torch.ones(1, 8, dtype=torch.bool))
+
+
+class _WidenAt:
+    def __init__(self, layer):
+        self.layer = layer
+
+    def widen(self, layer, *a):
+        return layer == self.layer
+
+    def attention(self, *a):
+        pass
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_widening_recomputes_from_cached_layer_inputs(layer, llada):
+    """An active forward that widens at layer l equals a full forward when the cached inputs of
+    layer l are current (nothing changed since the cache was filled)."""
+    ids = torch.randint(0, 100, (2, 12))
+    full = llada(ids).logits
+    cache = KVCache(keep_hidden=True)
+    llada(ids, cache=cache)
+    cache.probe = _WidenAt(layer)
+    active = torch.tensor([[3, 7], [11, 12]])
+    out = llada(ids, active=active, cache=cache, key_mask=torch.ones(2, 12, dtype=torch.bool)).logits
+    torch.testing.assert_close(out[0], full[0, [3, 7]], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1, 0], full[1, 11], rtol=1e-5, atol=1e-5)
+    cache.probe = None
+    with pytest.raises(ValueError, match="keep_hidden"):
+        c2 = KVCache()
+        llada(ids, cache=c2)
+        c2.probe = _WidenAt(0)
+        llada(ids, active=active, cache=c2, key_mask=torch.ones(2, 12, dtype=torch.bool))
