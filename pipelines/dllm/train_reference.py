@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from dcache.pipelines.dllm.config import LLaDAConfig
 from dcache.pipelines.dllm.modeling import LLaDAModelLM
 from dcache.pipelines.dllm import tasks
+from dcache.pipelines.dllm.generate import llada_generate  # eager: a long run must not pick up later edits
 
-REFERENCE_CONFIG = dict(d_model=128, n_heads=4, n_layers=4, mlp_hidden_size=384, vocab_size=tasks.VOCAB,
+REFERENCE_CONFIG = dict(d_model=96, n_heads=4, n_layers=3, mlp_hidden_size=256, vocab_size=tasks.VOCAB,
                         max_sequence_length=512, rope_theta=10000.0, mask_token_id=tasks.MASK,
                         eos_token_id=tasks.EOS, pad_token_id=tasks.EOS)
 
@@ -51,8 +52,6 @@ def loss_fn(model: LLaDAModelLM, x: torch.Tensor, plen: int, g: torch.Generator)
 
 @torch.no_grad()
 def evaluate(model: LLaDAModelLM, count: int = 64, gen_length: int = 128) -> float:
-    from dcache.pipelines.dllm.generate import llada_generate
-
     model.eval()
     prompts, ans = tasks.make_problems(count, gen_length=gen_length, n_range=(gen_length * 3 // 4, gen_length),
                                        seed=12345)
