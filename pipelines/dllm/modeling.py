@@ -481,3 +481,7 @@ class DreamModel(_DLLMBase):
 
     def _layer_parts(self):
         return self._parts
+
+    def diffusion_generate(self, input_ids, **kwargs):
+        """Dream's name for :meth:`generate`."""
+        return self.generate(input_ids, **kwargs)

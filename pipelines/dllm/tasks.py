@@ -28,15 +28,20 @@ BOS, SEP, FILL, EOS, MASK = 20, 21, 22, 23, 24
 
 def make_problems(
     count: int, gen_length: int = 128, n_range: tuple[int, int] = (1, FIELD), seed: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, key_zero_frac: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` problems: prompts (count, FIELD + 3) and answers (count, gen_length)."""
+    """``count`` problems: prompts (count, FIELD + 3) and answers (count, gen_length).
+
+    ``key_zero_frac``: extra share of key-0 problems (plain copies). Training uses some, because
+    with uniform keys neither the copy nor the key lookup lowers the loss on its own."""
     lo, hi = n_range
     if not (1 <= lo <= hi <= min(FIELD, gen_length)):
         raise ValueError(f"n_range must satisfy 1 <= lo <= hi <= min({FIELD}, gen_length={gen_length}), got {n_range}")
     g = generator if generator is not None else torch.Generator().manual_seed(0 if seed is None else seed)
     n = torch.randint(lo, hi + 1, (count,), generator=g)
     key = torch.randint(0, 10, (count,), generator=g)
+    if key_zero_frac > 0:
+        key = torch.where(torch.rand(count, generator=g) < key_zero_frac, torch.zeros_like(key), key)
     msg = torch.randint(0, 10, (count, FIELD), generator=g)
     slot = torch.arange(FIELD)[None]
     in_msg = slot < n[:, None]

@@ -34,7 +34,8 @@ REFERENCE_CONFIG = dict(d_model=96, n_heads=4, n_layers=3, mlp_hidden_size=256, 
 def batch(bs: int, g: torch.Generator) -> tuple[torch.Tensor, int]:
     # Mostly full 128-slot canvases; sometimes shorter ones so that gen_length 64 is in distribution.
     gen = 128 if torch.rand((), generator=g) < 0.7 else int(torch.randint(32, 128, (), generator=g))
-    prompts, ans = tasks.make_problems(bs, gen_length=gen, n_range=(1, gen), generator=g)
+    prompts, ans = tasks.make_problems(bs, gen_length=gen, n_range=(1, gen), generator=g,
+                                         key_zero_frac=0.3)
     return torch.cat([prompts, ans], 1), prompts.shape[1]
 
 
