@@ -141,12 +141,46 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump(rows, f, indent=1)
     bar.close()
     _print_table(rows)
-    meta = {"model": model_dir, "device": args.device, "threads": args.threads, "torch": torch.__version__,
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(markdown_table(rows))
+    targets = issue_targets(rows)
+    for t in targets:
+        print(f"target {t['check']} at L={t['gen_length']} B={t['batch']}: speedup {t['speedup']}x "
+              f"(need >= {t['need_speedup']}), accuracy {t['accuracy']} vs vanilla {t['vanilla_accuracy']} -> "
+              f"{'PASS' if t['pass'] else 'FAIL'}")
+    meta = {"targets": targets, "model": model_dir, "device": args.device, "threads": args.threads, "torch": torch.__version__,
             "block_length": args.block_length, "steps": "gen_length (one token per step for fixed-count samplers)"}
     with open(os.path.join(args.out, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     print(f"wrote {os.path.join(args.out, 'results.json')}")
     return 0
+
+
+def issue_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets at the longest generation length: dual cache + parallel decoding >= 4x
+    at accuracy within 1 point of vanilla; dkv-decode >= 1.5x at accuracy not below vanilla."""
+    if not rows:
+        return []
+    L = max(r["gen_length"] for r in rows)
+    out = []
+    for bs in sorted({r["batch"] for r in rows if r["gen_length"] == L}):
+        cell = {r["policy"]: r for r in rows if r["gen_length"] == L and r["batch"] == bs}
+        van = cell.get("vanilla")
+        for name, need, tol in (("dual-cache+parallel", 4.0, 0.01), ("dkv-decode", 1.5, 0.0)):
+            r = cell.get(name)
+            if van is None or r is None:
+                continue
+            ok = r["speedup"] >= need and r["accuracy"] >= van["accuracy"] - tol - 1e-9
+            out.append({"check": name, "gen_length": L, "batch": bs, "speedup": r["speedup"], "need_speedup": need,
+                        "accuracy": r["accuracy"], "vanilla_accuracy": van["accuracy"], "pass": ok})
+    return out
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    cols = ["gen_length", "batch", "policy", "accuracy", "tokens_per_s", "speedup", "nfe", "token_fraction"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:

@@ -26,3 +26,17 @@ def test_bench_writes_rows_for_every_policy(tmp_path, capsys):
     assert rows[0]["speedup"] == 1.0 and rows[0]["nfe"] == 16
     assert rows[1]["token_fraction"] < 1.0
     assert "dkv-decode" in capsys.readouterr().out
+
+
+def test_issue_targets_check_speed_and_accuracy():
+    from dcache.eval.bench_dllm import issue_targets
+
+    def row(p, acc, sp, L=128):
+        return {"policy": p, "gen_length": L, "batch": 8, "accuracy": acc, "speedup": sp}
+
+    rows = [row("vanilla", 0.95, 1.0), row("dual-cache+parallel", 0.945, 5.0), row("dkv-decode", 0.94, 2.0),
+            row("vanilla", 0.5, 1.0, L=64), row("dkv-decode", 0.5, 9.0, L=64)]
+    got = {t["check"]: t["pass"] for t in issue_targets(rows)}
+    assert got == {"dual-cache+parallel": True, "dkv-decode": False}  # dkv lost a point; only L=128 counts
+    rows[1]["speedup"] = 3.9
+    assert not issue_targets(rows)[0]["pass"]
