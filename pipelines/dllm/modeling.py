@@ -107,13 +107,18 @@ def _rope_tables(pos: torch.Tensor, head_dim: int, theta: float, dtype: torch.dt
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim))
     f = pos.float()[..., None] * inv                      # (B, L, D/2)
     emb = torch.cat([f, f], dim=-1)[:, None]               # (B, 1, L, D)
+    if dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float32
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     h = x.shape[-1] // 2
     rot = torch.cat([-x[..., h:], x[..., :h]], dim=-1)
-    return x * cos + rot * sin
+    if x.dtype == cos.dtype:
+        return x * cos + rot * sin
+    # half-precision models rotate in fp32 (LLaDA's rope_full_precision)
+    return (x.float() * cos + rot.float() * sin).to(x.dtype)
 
 
 class _Parts:

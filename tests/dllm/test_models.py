@@ -147,3 +147,13 @@ def test_widening_recomputes_from_cached_layer_inputs(layer, llada):
         llada(ids, cache=c2)
         c2.probe = _WidenAt(0)
         llada(ids, active=active, cache=c2, key_mask=torch.ones(2, 12, dtype=torch.bool))
+
+
+def test_bfloat16_model_runs_cached_forward(llada):
+    m = llada.to(torch.bfloat16)
+    ids = torch.randint(0, 100, (2, 10))
+    cache = KVCache()
+    full = m(ids, cache=cache).logits
+    assert full.dtype == torch.bfloat16
+    out = m(ids, active=torch.tensor([[1, 2], [3, 10]]), cache=cache, key_mask=torch.ones(2, 10, dtype=torch.bool))
+    torch.testing.assert_close(out.logits[0].float(), full[0, [1, 2]].float(), rtol=0.05, atol=0.05)
