@@ -53,20 +53,22 @@ class KVCache:
     def __init__(self, keep_hidden: bool = False) -> None:
         self.k: list[torch.Tensor | None] = []
         self.v: list[torch.Tensor | None] = []
+        self.kr: list[torch.Tensor] = []  # the same keys rotated: canvas positions are fixed for a run
         self.h: list[torch.Tensor] = []
+        self.rope: tuple | None = None
         self.length = 0
         self.keep_hidden = keep_hidden  # also keep every layer's input (elastic recomputes from a depth)
         self.probe: Any = None  # object with widen(...) and attention(...), set by drift-based policies
 
     def reset(self) -> None:
-        self.k, self.v, self.h, self.length = [], [], [], 0
+        self.k, self.v, self.kr, self.h, self.rope, self.length = [], [], [], [], None, 0
 
     @property
     def filled(self) -> bool:
         return bool(self.k)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v + self.h if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.k + self.v + self.kr + self.h if t is not None)
 
     def _ensure_hidden(self, n_layers: int, like: torch.Tensor, L: int) -> None:
         B, _, D = like.shape
@@ -82,6 +84,13 @@ class KVCache:
         self.length = L
         self.k = [like.new_zeros(B, H, L + 1, D) for _ in range(n_layers)]
         self.v = [like.new_zeros(B, H, L + 1, D) for _ in range(n_layers)]
+        self.kr = [like.new_zeros(B, H, L + 1, D) for _ in range(n_layers)]
+
+    def rope_tables(self, position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+        # the generation loop passes the same position tensor every step; build its tables once
+        if self.rope is None or self.rope[0] is not position_ids:
+            self.rope = (position_ids, *_rope_tables(position_ids, head_dim, theta, dtype))
+        return self.rope[1], self.rope[2]
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -194,7 +203,8 @@ class _DLLMBase(nn.Module):
 
         if active is None:
             h = self._embed()(input_ids)
-            cos, sin = _rope_tables(position_ids, hd, cfg.rope_theta, dtype)
+            cos, sin = (cache.rope_tables(position_ids, hd, cfg.rope_theta, dtype) if cache is not None
+                        else _rope_tables(position_ids, hd, cfg.rope_theta, dtype))
             qcos, qsin = cos, sin
             mask = None
             if attention_mask is not None and not bool(attention_mask.all()):
@@ -211,7 +221,7 @@ class _DLLMBase(nn.Module):
             h = self._embed()(input_ids.gather(1, safe))
             qpos = position_ids.gather(1, safe)
             qcos, qsin = _rope_tables(qpos, hd, cfg.rope_theta, dtype)
-            cos, sin = _rope_tables(position_ids, hd, cfg.rope_theta, dtype)
+            cos, sin = cache.rope_tables(position_ids, hd, cfg.rope_theta, dtype)
             act = torch.zeros(B, L + 1, dtype=torch.bool, device=input_ids.device)
             act.scatter_(1, active, True)
             keys = key_mask.bool() | act[:, :L]
@@ -255,11 +265,15 @@ class _DLLMBase(nn.Module):
                     cache.k[li][:, :, :L] = k
                     cache.v[li][:, :, :L] = v
                 kk, vv = _rotate(k, cos, sin), v
+                if cache is not None:
+                    cache.kr[li][:, :, :L] = kk
             else:
                 idx = scatter_idx.expand(B, nkv, Lq, hd)
                 cache.k[li].scatter_(2, idx, k)
                 cache.v[li].scatter_(2, idx, v)
-                kk = _rotate(cache.k[li][:, :, :L], cos, sin)
+                # only the new keys are rotated (at their own positions, the queries' tables)
+                cache.kr[li].scatter_(2, idx, _rotate(k, qcos, qsin))
+                kk = cache.kr[li][:, :, :L]
                 vv = cache.v[li][:, :, :L]
             qq = _rotate(q, qcos, qsin)
             if probe is not None and active is not None:
