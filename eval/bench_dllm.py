@@ -34,6 +34,10 @@ POLICY_SPECS: dict[str, tuple[str | None, dict[str, Any], float | None]] = {
     "prefix-cache+parallel": ("prefix-cache", {"threshold": 0.9}, None),
     "dual-cache+parallel": ("dual-cache", {"threshold": 0.9}, None),
     "elastic": ("elastic", {}, None),
+    "elastic-fixed": ("elastic", {"threshold": None}, None),
+    # a stricter threshold keeps several steps per block, so the cache's own share shows
+    "parallel@0.999": (None, {}, 0.999),
+    "dual-cache+parallel@0.999": ("dual-cache", {"threshold": 0.999}, None),
 }
 DEFAULT_POLICIES = ["vanilla", "dkv-decode", "dkv-pd", "prefix-cache", "dual-cache", "parallel",
                     "dual-cache+parallel", "prefix-cache+parallel", "elastic"]
