@@ -206,6 +206,23 @@ def patch(handle: Handle, module: torch.nn.Module, make: Any) -> None:
     handle.patched.append(module)
 
 
+def patch_step_hook(handle: Handle, module: torch.nn.Module, body: Any) -> None:
+    """Patch ``module`` so that during a denoiser call ``body(run, step, original, args, kwargs)``
+    runs instead of its forward; outside one (a call the engine did not open) it runs unchanged."""
+
+    def make(original):
+        @torch.compiler.disable
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            run, step = handle.active()
+            if step is None:
+                return original(*args, **kwargs)
+            return body(run, step, original, args, kwargs)
+
+        return forward
+
+    patch(handle, module, make)
+
+
 # ---------------------------------------------------------------------------------------------
 # the denoiser hook: one Step per call
 # ---------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def _rebuild(structure: Any, leaves: list[torch.Tensor | None]) -> Any:
 
 def install_module_hooks(handle: Any, policy: ModulePolicy, blocks: list[torch.nn.Module]) -> int:
     """Hook every site and feeder of every block; returns the number of sites."""
-    from dcache.engine import patch
+    from dcache.engine import patch_step_hook
 
     pid = id(policy)
     count = 0
@@ -59,45 +59,38 @@ def install_module_hooks(handle: Any, policy: ModulePolicy, blocks: list[torch.n
             act = step.decisions[pid] = policy.action(state, step)
         return act
 
-    def make_hook(name: str, is_site: bool):
-        def make(original):
-            @torch.compiler.disable
-            def forward(*args: Any, **kwargs: Any) -> Any:
-                run, step = handle.active()
-                if step is None:
-                    return original(*args, **kwargs)
-                act = decision(run, step)
-                key = (pid, name, step.branch)
-                entry = run.cache.get(key)
-                if act is not Action.COMPUTE and entry is not None:
-                    run.avoid(name)
-                    if is_site:
-                        run.count("forecast", name)
-                        leaves = [None if s is None else policy.produce(s, step) for s in entry.states]
-                    else:
-                        # Feeders only flow into their site, which ignores its input on a
-                        # forecast step: an empty last dimension keeps every shape check and
-                        # concatenation valid while nothing is computed or materialised.
-                        leaves = [None if sh is None else torch.empty((*sh[0][:-1], 0), dtype=sh[1], device=sh[2])
-                                  for sh in entry.shapes]
-                    return _rebuild(entry.structure, leaves)
-                out = original(*args, **kwargs)
-                leaves, structure = _leaves(out)
-                if entry is None or entry.structure != structure:
-                    entry = run.cache[key] = SiteEntry()
-                    entry.structure = structure
-                    entry.states = [None if t is None or not is_site else policy.new_site_state() for t in leaves]
-                entry.shapes = [None if t is None else (t.shape, t.dtype, t.device) for t in leaves]
+    def make_body(name: str, is_site: bool):
+        def body(run: Any, step: Any, original: Any, args: tuple, kwargs: dict) -> Any:
+            act = decision(run, step)
+            key = (pid, name, step.branch)
+            entry = run.cache.get(key)
+            if act is not Action.COMPUTE and entry is not None:
+                run.avoid(name)
                 if is_site:
-                    run.count("computed", name)
-                    for s, t in zip(entry.states, leaves):
-                        if s is not None:
-                            policy.store(s, t, step)
-                return out
+                    run.count("forecast", name)
+                    leaves = [None if s is None else policy.produce(s, step) for s in entry.states]
+                else:
+                    # Feeders only flow into their site, which ignores its input on a
+                    # forecast step: an empty last dimension keeps every shape check and
+                    # concatenation valid while nothing is computed or materialised.
+                    leaves = [None if sh is None else torch.empty((*sh[0][:-1], 0), dtype=sh[1], device=sh[2])
+                              for sh in entry.shapes]
+                return _rebuild(entry.structure, leaves)
+            out = original(*args, **kwargs)
+            leaves, structure = _leaves(out)
+            if entry is None or entry.structure != structure:
+                entry = run.cache[key] = SiteEntry()
+                entry.structure = structure
+                entry.states = [None if t is None or not is_site else policy.new_site_state() for t in leaves]
+            entry.shapes = [None if t is None else (t.shape, t.dtype, t.device) for t in leaves]
+            if is_site:
+                run.count("computed", name)
+                for s, t in zip(entry.states, leaves):
+                    if s is not None:
+                        policy.store(s, t, step)
+            return out
 
-            return forward
-
-        return make
+        return body
 
     for block in blocks:
         spec = handle.adapter.spec(block)
@@ -105,6 +98,6 @@ def install_module_hooks(handle: Any, policy: ModulePolicy, blocks: list[torch.n
             module = getattr(block, attr, None)
             if not isinstance(module, torch.nn.Module):
                 continue
-            patch(handle, module, make_hook(handle.module_names[module], is_site))
+            patch_step_hook(handle, module, make_body(handle.module_names[module], is_site))
             count += is_site
     return count

@@ -58,7 +58,7 @@ def unpack(spec: BlockSpec, out: Any) -> tuple[Any, Any]:
 
 
 def install_step_hooks(handle: Any, policy: StepPolicy, blocks: list[torch.nn.Module]) -> None:
-    from dcache.engine import patch
+    from dcache.engine import patch_step_hook
 
     adapter = handle.adapter
     n = len(blocks)
@@ -70,54 +70,47 @@ def install_step_hooks(handle: Any, policy: StepPolicy, blocks: list[torch.nn.Mo
     span_names = [handle.module_names[b] for b in blocks[first : last + 1]]
     site = f"blocks[{first}:{last + 1}]"
 
-    def make_hook(i: int, block: torch.nn.Module, spec: BlockSpec):
-        def make(original):
-            @torch.compiler.disable
-            def forward(*args: Any, **kwargs: Any) -> Any:
-                run, step = handle.active()
-                if step is None:
-                    return original(*args, **kwargs)
-                cs = run.state((pid, "chain", step.branch), lambda: ChainState(policy.new_state()))
-                hidden = get_arg(block, spec.hidden, args, kwargs)
-                enc = get_arg(block, spec.encoder, args, kwargs) if spec.encoder else None
-                if i == 0:
-                    cs.mode = "compute"
-                    cs.start = hidden
-                    cs.probe = adapter.teacache_probe(block, args, kwargs) if policy.needs_probe else None
-                if i == first:
-                    if policy.needs_probe:
-                        signal = cs.probe
-                    elif first > 0:
-                        signal = hidden - cs.start
-                    else:
-                        signal = None
-                    compute = policy.decide(cs.policy_state, step, signal)
-                    cs.start = cs.probe = None
-                    if not compute and (cs.res_h is None or cs.res_h.shape != hidden.shape):
-                        compute = True
-                    cs.mode = "compute" if compute else "reuse"
-                    if not compute:
-                        run.count("reused", site)
-                        for name in span_names:
-                            run.avoid(name)
-                        out_e = enc if (enc is None or cs.res_e is None) else enc + cs.res_e
-                        return pack(spec, hidden + cs.res_h, out_e)
-                    run.count("computed", site)
-                    cs.h_in, cs.e_in = hidden, enc
-                elif first < i <= last and cs.mode == "reuse":
-                    return pack(spec, hidden, enc)
-                out = original(*args, **kwargs)
-                if i == last and cs.mode == "compute":
-                    out_h, out_e = unpack(spec, out)
-                    cs.res_h = out_h - cs.h_in
-                    cs.res_e = None if (out_e is None or cs.e_in is None) else out_e - cs.e_in
-                    policy.after_compute(cs.policy_state, step, cs.h_in, out_h)
-                    cs.h_in = cs.e_in = None
-                return out
+    def make_body(i: int, block: torch.nn.Module, spec: BlockSpec):
+        def body(run: Any, step: Any, original: Any, args: tuple, kwargs: dict) -> Any:
+            cs = run.state((pid, "chain", step.branch), lambda: ChainState(policy.new_state()))
+            hidden = get_arg(block, spec.hidden, args, kwargs)
+            enc = get_arg(block, spec.encoder, args, kwargs) if spec.encoder else None
+            if i == 0:
+                cs.mode = "compute"
+                cs.start = hidden
+                cs.probe = adapter.teacache_probe(block, args, kwargs) if policy.needs_probe else None
+            if i == first:
+                if policy.needs_probe:
+                    signal = cs.probe
+                elif first > 0:
+                    signal = hidden - cs.start
+                else:
+                    signal = None
+                compute = policy.decide(cs.policy_state, step, signal)
+                cs.start = cs.probe = None
+                if not compute and (cs.res_h is None or cs.res_h.shape != hidden.shape):
+                    compute = True
+                cs.mode = "compute" if compute else "reuse"
+                if not compute:
+                    run.count("reused", site)
+                    for name in span_names:
+                        run.avoid(name)
+                    out_e = enc if (enc is None or cs.res_e is None) else enc + cs.res_e
+                    return pack(spec, hidden + cs.res_h, out_e)
+                run.count("computed", site)
+                cs.h_in, cs.e_in = hidden, enc
+            elif first < i <= last and cs.mode == "reuse":
+                return pack(spec, hidden, enc)
+            out = original(*args, **kwargs)
+            if i == last and cs.mode == "compute":
+                out_h, out_e = unpack(spec, out)
+                cs.res_h = out_h - cs.h_in
+                cs.res_e = None if (out_e is None or cs.e_in is None) else out_e - cs.e_in
+                policy.after_compute(cs.policy_state, step, cs.h_in, out_h)
+                cs.h_in = cs.e_in = None
+            return out
 
-            return forward
-
-        return make
+        return body
 
     for i, block in enumerate(blocks):
-        patch(handle, block, make_hook(i, block, adapter.spec(block)))
+        patch_step_hook(handle, block, make_body(i, block, adapter.spec(block)))
