@@ -300,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         report.write_json(results_path, rows, dict(meta, notes=notes))
     bar.close()
 
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(report.markdown(rows) + "\n")
     report.grid(os.path.join(args.out, "grid.png"), grid_rows)
     report.pareto(os.path.join(args.out, "pareto.png"), rows)
     print(f"\n{target.name}, {args.steps} steps, {len(seeds)} samples, guidance {args.guidance}, "
@@ -307,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table(rows))
     for n in notes:
         print(f"note: {n}")
-    print(f"\nwrote {results_path}, grid.png, pareto.png in {args.out}")
+    print(f"\nwrote {results_path}, results.md, grid.png, pareto.png in {args.out}")
     return 0
 
 

@@ -40,6 +40,15 @@ def table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown(rows: Sequence[dict]) -> str:
+    """The same table in Markdown (for READMEs and notes)."""
+    cols = [c for c, _ in COLUMNS if any(r.get(c) is not None for r in rows)]
+    lines = ["| " + " | ".join(HEADERS.get(c, c) for c in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)).replace("|", "/") for c in cols) + " |")
+    return "\n".join(lines)
+
+
 def write_json(path: str, rows: Sequence[dict], meta: dict) -> None:
     def clean(v: Any) -> Any:
         if isinstance(v, float) and (math.isinf(v) or math.isnan(v)):
