@@ -36,7 +36,8 @@ class Handle:
         self.pipeline_run = False
         self.scheduler = getattr(owner, "scheduler", None) if owner is not denoiser else None
         self._last_stats: dict[str, Any] = {}
-        self._flop_tables: dict[tuple, flops_mod.FlopTable] = {}
+        # Shared by every handle on this denoiser: re-accelerating must not measure FLOPs again.
+        self._flop_tables = flops_mod.tables_for(denoiser)
         self.patched: list[torch.nn.Module] = []
         self.root_name = type(denoiser).__name__
         self.module_names = {m: f"{self.root_name}.{n}" if n else self.root_name for n, m in denoiser.named_modules()}

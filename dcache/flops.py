@@ -7,6 +7,7 @@ attention where the backend reports it), which dominate a transformer's cost.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -22,6 +23,14 @@ def signature(args: tuple, kwargs: dict) -> tuple:
         return None
 
     return (sig(args), tuple(sorted((k, sig(v)) for k, v in kwargs.items())))
+
+
+_TABLES: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, FlopTable]]" = weakref.WeakKeyDictionary()
+
+
+def tables_for(model: torch.nn.Module) -> dict[tuple, "FlopTable"]:
+    """The FLOP tables measured on ``model``, by input signature (kept as long as the model lives)."""
+    return _TABLES.setdefault(model, {})
 
 
 class FlopTable:
