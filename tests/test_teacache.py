@@ -12,7 +12,7 @@ from dcache.pipelines.adapters import get_adapter
 def test_checkpoint_coefficients_are_recognised_by_name(tiny_pipes):
     pipe = tiny_pipes("wan")[0]
     adapter = get_adapter(pipe.transformer)
-    pipe.transformer.config._name_or_path = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
+    pipe.transformer.config._name_or_path = "/models/wan2.1-t2v-14b-diffusers"  # a local copy
     coeffs, source = adapter.coefficients_for(pipe.transformer)
     assert "Wan2.1-T2V-14B" in source and coeffs[0] == pytest.approx(-3.03318725e05)
     pipe.transformer.config._name_or_path = ""

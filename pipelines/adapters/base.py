@@ -113,17 +113,3 @@ def get_arg(module: torch.nn.Module, name: str, args: tuple, kwargs: dict) -> An
     if i is not None and i < len(args):
         return args[i]
     return None
-
-
-def set_arg(module: torch.nn.Module, name: str, value: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    if name in kwargs or name not in _SIGNATURES.get(type(module), {}):
-        kwargs = dict(kwargs)
-        kwargs[name] = value
-        return args, kwargs
-    i = _SIGNATURES[type(module)][name]
-    if i < len(args):
-        args = args[:i] + (value,) + args[i + 1 :]
-    else:
-        kwargs = dict(kwargs)
-        kwargs[name] = value
-    return args, kwargs
