@@ -58,8 +58,9 @@ class TeaCacheState(PolicyState):
 class TeaCachePolicy(StepPolicy):
     needs_probe = True
 
-    def __init__(self, config: "TeaCacheConfig", coefficients: list[float]) -> None:
+    def __init__(self, config: "TeaCacheConfig", coefficients: list[float], model_id: str = "") -> None:
         self.config = config
+        self.model_id = model_id  # recorded in the calibration file
         self.coefficients = list(coefficients)
         self._poly = np.poly1d(self.coefficients)
         self.samples: list[tuple[float, float]] = []
@@ -106,8 +107,6 @@ class TeaCachePolicy(StepPolicy):
                            "model": self.model_id}, f, indent=2)
             logger.info("teacache: wrote coefficients fitted on %d steps to %s", len(self.samples),
                         self.config.calibration_file)
-
-    model_id = ""
 
 
 def load_coefficients(value: Any) -> list[float]:
@@ -172,6 +171,4 @@ class TeaCacheConfig:
                 coeffs = IDENTITY
             else:
                 logger.info("teacache: %s", env.coefficients_source)
-        policy = TeaCachePolicy(self, coeffs)
-        policy.model_id = env.model_id
-        return policy
+        return TeaCachePolicy(self, coeffs, env.model_id)

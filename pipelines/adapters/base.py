@@ -44,7 +44,6 @@ class Adapter:
     block_lists: tuple[str, ...] = ()
     block_specs: dict[str, BlockSpec] = field(default_factory=dict)
     timestep_arg: str = "timestep"
-    timestep_index: int | None = None  # positional index of the timestep, when pipelines pass it so
     # Checkpoint name fragment -> TeaCache rescale coefficients (highest degree first).
     teacache_coefficients: dict[str, list[float]] = field(default_factory=dict)
     default_coefficients_key: str | None = None
