@@ -167,7 +167,7 @@ def _slug(source: str, policy: str, options: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dcache bench", description="Benchmark caching policies against the uncached baseline.")
-    ap.add_argument("--task", default="image", help=argparse.SUPPRESS)
+    ap.add_argument("--task", default="image", help="image (this benchmark), dllm or ar-video (see their --help)")
     ap.add_argument("--model", default=None, help="hub id or local directory of a diffusers pipeline (default: embedded)")
     ap.add_argument("--weights-dir", default=None, help="embedded model: a train_digits --out folder instead of the shipped weights")
     ap.add_argument("--policies", default=DEFAULT_POLICIES, help="comma list, options in parentheses")
