@@ -95,6 +95,14 @@ class Adapter:
         return None, "no published coefficients for this family"
 
 
+class TimestepEmbeddingProbeAdapter(Adapter):
+    """TeaCache's probe is the timestep embedding the blocks receive as ``temb`` (Wan's e0,
+    CogVideoX's emb), not a modulated input."""
+
+    def teacache_probe(self, block: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        return get_arg(block, "temb", args, kwargs)
+
+
 _SIGNATURES: dict[type, dict[str, int]] = {}
 
 

@@ -1,22 +1,12 @@
 """CogVideoX (`CogVideoXTransformer3DModel`)."""
 
-from __future__ import annotations
-
-import torch
-
-from dcache.pipelines.adapters.base import Adapter, BlockSpec, get_arg
+from dcache.pipelines.adapters.base import Adapter, BlockSpec, TimestepEmbeddingProbeAdapter
 
 _BLOCK = BlockSpec(encoder="encoder_hidden_states", returns=("hidden", "encoder"), sites=("attn1", "ff"))
 
 
-class CogVideoXAdapter(Adapter):
-    def teacache_probe(self, block: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-        # TeaCache uses the timestep embedding itself for CogVideoX, not a modulated input.
-        return get_arg(block, "temb", args, kwargs)
-
-
 def make() -> Adapter:
-    return CogVideoXAdapter(
+    return TimestepEmbeddingProbeAdapter(
         family="cogvideox",
         model_classes=("CogVideoXTransformer3DModel",),
         block_lists=("transformer_blocks",),

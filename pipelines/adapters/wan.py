@@ -1,23 +1,14 @@
 """Wan 2.1 / 2.2 (`WanTransformer3DModel`)."""
 
-from __future__ import annotations
-
-import torch
-
-from dcache.pipelines.adapters.base import Adapter, BlockSpec, get_arg
+from dcache.pipelines.adapters.base import Adapter, BlockSpec, TimestepEmbeddingProbeAdapter
 
 _BLOCK = BlockSpec(encoder=None, returns=("hidden",), sites=("attn1", "attn2", "ffn"))
 
 
-class WanAdapter(Adapter):
-    def teacache_probe(self, block: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-        # Blocks receive the 6·D modulation vector e0 = time_projection(e); TeaCache's "ret-steps"
-        # coefficients are fitted on exactly this indicator.
-        return get_arg(block, "temb", args, kwargs)
-
-
 def make() -> Adapter:
-    return WanAdapter(
+    # Blocks receive the 6·D modulation vector e0 = time_projection(e) as ``temb``; TeaCache's
+    # "ret-steps" coefficients are fitted on exactly this indicator.
+    return TimestepEmbeddingProbeAdapter(
         family="wan",
         model_classes=("WanTransformer3DModel",),
         block_lists=("blocks",),
