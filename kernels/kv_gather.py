@@ -18,7 +18,7 @@ import torch
 
 from dcache.kernels._dispatch import use_triton
 
-__all__ = ["gather_heads", "gather_heads_into", "scatter_heads", "gather_heads_ref", "scatter_heads_ref"]
+__all__ = ["as_head_index", "gather_heads", "gather_heads_into", "scatter_heads", "gather_heads_ref", "scatter_heads_ref"]
 
 
 def gather_heads_ref(x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
@@ -79,10 +79,23 @@ def _launch(src: torch.Tensor, dst: torch.Tensor, heads: torch.Tensor, scatter: 
                         SCATTER=scatter, BLOCK_S=BLOCK_S, BLOCK_D=BLOCK_D)
 
 
-def gather_heads(x: torch.Tensor, heads: torch.Tensor | None) -> torch.Tensor:
-    """``x[:, heads]`` as a new contiguous tensor (``x`` itself when ``heads`` is None)."""
+def as_head_index(heads: torch.Tensor | None) -> torch.Tensor | slice | None:
+    """A sorted head list that is one contiguous range becomes a ``slice``: those heads are then read
+    and written through views, with no gather or scatter copy."""
+    if heads is None or heads.numel() == 0:
+        return heads
+    lo, hi = int(heads[0]), int(heads[-1])
+    if hi - lo + 1 == heads.numel() and bool((heads.diff() == 1).all()):
+        return slice(lo, hi + 1)
+    return heads
+
+
+def gather_heads(x: torch.Tensor, heads: torch.Tensor | slice | None) -> torch.Tensor:
+    """``x[:, heads]``: a view for ``None`` or a slice, else a new contiguous tensor."""
     if heads is None:
         return x
+    if isinstance(heads, slice):
+        return x[:, heads]
     if use_triton(x):
         out = torch.empty((x.shape[0], heads.numel(), *x.shape[2:]), dtype=x.dtype, device=x.device)
         _launch(x, out, heads, scatter=False)
@@ -90,22 +103,27 @@ def gather_heads(x: torch.Tensor, heads: torch.Tensor | None) -> torch.Tensor:
     return gather_heads_ref(x, heads)
 
 
-def gather_heads_into(dst: torch.Tensor, src: torch.Tensor, heads: torch.Tensor | None) -> None:
+def gather_heads_into(dst: torch.Tensor, src: torch.Tensor, heads: torch.Tensor | slice | None) -> None:
     """Write ``src[:, heads]`` into ``dst[:, :, :S]`` (the chunk slot of a head-group buffer)."""
     S = src.shape[2]
     view = dst[:, :, :S]
     if heads is None:
         view.copy_(src)
+    elif isinstance(heads, slice):
+        view.copy_(src[:, heads])
     elif use_triton(src, dst):
         _launch(src, view, heads, scatter=False)
     else:
         view.copy_(gather_heads_ref(src, heads))
 
 
-def scatter_heads(out: torch.Tensor, src: torch.Tensor, heads: torch.Tensor | None) -> torch.Tensor:
+def scatter_heads(out: torch.Tensor, src: torch.Tensor, heads: torch.Tensor | slice | None) -> torch.Tensor:
     """``out[:, heads] = src`` in place; returns ``out``."""
     if heads is None:
         out.copy_(src)
+        return out
+    if isinstance(heads, slice):
+        out[:, heads].copy_(src)
         return out
     if use_triton(out, src):
         _launch(src, out, heads, scatter=True)

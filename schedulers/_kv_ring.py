@@ -87,6 +87,11 @@ class HeadGroup:
         self.v = torch.zeros(shape, dtype=layout.dtype, device=layout.device)
         if self.heads is not None:
             self.heads = self.heads.to(layout.device)
+        from dcache.kernels.kv_gather import as_head_index
+
+        self.index = as_head_index(None if self.heads is None else self.heads.cpu())  # slice when contiguous
+        if isinstance(self.index, torch.Tensor):
+            self.index = self.heads
 
     # -- bookkeeping --------------------------------------------------------------------------
     def reset(self) -> None:
@@ -119,8 +124,8 @@ class HeadGroup:
         n = k.shape[2]
         if n != self.slot:
             raise ValueError(f"chunk has {n} tokens, the cache was laid out for {self.slot}")
-        gather_heads_into(self.k, k, self.heads)
-        gather_heads_into(self.v, v, self.heads)
+        gather_heads_into(self.k, k, self.index)
+        gather_heads_into(self.v, v, self.index)
 
     def kv_for_attention(self) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V over the chunk slot plus every valid cached token, without copying when possible."""
@@ -221,7 +226,7 @@ class ARKVCache:
                 g.put_chunk(k, v)
                 kk, vv = g.kv_for_attention()
                 self.attended_keys += kk.shape[2] * g.num_heads
-                scatter_heads(out, sdpa(gather_heads(q, g.heads), kk, vv), g.heads)
+                scatter_heads(out, sdpa(gather_heads(q, g.index), kk, vv), g.index)
         self.attend_calls += q.shape[1]
         if commit:
             self._commit(layer, frame_start)

@@ -67,3 +67,24 @@ def test_protocol_stats_reset_and_errors(pipe, emb, head_file):
     with pytest.raises(ValueError, match="window_frames"):
         dcache.accelerate(pipe, policy="kv-rolling", window_frames=0)
     assert set(dcache.policies("ar-video")) >= {"kv-full", "kv-rolling", "forcing-kv"}
+
+
+def test_contiguous_head_groups_use_views_with_equal_results():
+    from dcache.kernels.kv_gather import as_head_index, gather_heads, gather_heads_into, scatter_heads
+
+    assert as_head_index(torch.tensor([2, 3, 4])) == slice(2, 5)
+    assert isinstance(as_head_index(torch.tensor([0, 2])), torch.Tensor)
+    assert as_head_index(None) is None
+    x = torch.randn(2, 6, 5, 4)
+    for heads in ([1, 2, 3], [0, 4]):
+        h = torch.tensor(heads)
+        idx = as_head_index(h)
+        assert torch.equal(gather_heads(x, idx), x[:, heads])
+        dst = torch.zeros(2, len(heads), 9, 4)
+        gather_heads_into(dst, x, idx)
+        assert torch.equal(dst[:, :, :5], x[:, heads]) and not dst[:, :, 5:].any()
+        out = torch.zeros_like(x)
+        scatter_heads(out, x[:, heads] * 2, idx)
+        assert torch.equal(out[:, heads], 2 * x[:, heads])
+        others = [i for i in range(6) if i not in heads]
+        assert not out[:, others].any()
