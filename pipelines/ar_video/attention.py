@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["RunContext", "FrameOffsetRope", "CausalSelfAttnProcessor", "CachedCrossAttnProcessor", "apply_rope"]
+__all__ = ["RunContext", "FrameOffsetRope", "RopeTables", "rotate", "CausalSelfAttnProcessor", "CachedCrossAttnProcessor", "apply_rope"]
 
 
 @dataclass
@@ -70,7 +70,26 @@ class FrameOffsetRope(nn.Module):
                 wd[:ww].view(1, 1, ww, -1).expand(f, hh, ww, -1),
             )
             out.append(torch.cat(parts, dim=-1).reshape(1, f * hh * ww, 1, -1))
-        return out[0], out[1]
+        return RopeTables(out[0], out[1])
+
+
+class RopeTables(tuple):
+    """``(cos, sin)`` as diffusers' blocks pass them on, plus the same rotation as complex numbers,
+    built once per forward: one complex multiply per q/k then replaces six elementwise kernels."""
+
+    def __new__(cls, cos: torch.Tensor, sin: torch.Tensor):
+        self = super().__new__(cls, (cos, sin))
+        self.cplx = torch.complex(cos[..., 0::2].float(), sin[..., 1::2].float())
+        return self
+
+
+def rotate(x: torch.Tensor, rotary_emb) -> torch.Tensor:
+    """Apply the RoPE of one forward to ``x`` ([B, L, H, D])."""
+    cplx = getattr(rotary_emb, "cplx", None)
+    if cplx is None:
+        return apply_rope(x, *rotary_emb)
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * cplx).flatten(-2).type_as(x)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -81,7 +100,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def expand_frame_mask(frame_mask: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
-    return frame_mask.repeat_interleave(tokens_per_frame, 0).repeat_interleave(tokens_per_frame, 1)
+    """[F, F] or per-sample [B, F, F] frame mask -> token mask broadcastable to [B, H, L, L]."""
+    m = frame_mask.repeat_interleave(tokens_per_frame, -2).repeat_interleave(tokens_per_frame, -1)
+    return m[:, None] if m.dim() == 3 else m
 
 
 class CausalSelfAttnProcessor:
@@ -97,7 +118,7 @@ class CausalSelfAttnProcessor:
         k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
         v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
         if rotary_emb is not None:
-            q, k = apply_rope(q, *rotary_emb), apply_rope(k, *rotary_emb)
+            q, k = rotate(q, rotary_emb), rotate(k, rotary_emb)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
         if ctx.mode == "cache":
             out = ctx.cache.attend(self.layer, q, k, v, ctx.frame_start, ctx.commit)
