@@ -26,6 +26,52 @@ from dcache.pipelines.ar_video.pipeline import ARVideoConfig, ARVideoPipeline, s
 from dcache.pipelines.ar_video.reference import build_transformer, make_batch, prompt_embeds
 
 
+def history_window_mask(base: torch.Tensor, num_frames: int, chunk: int, windows: torch.Tensor, sink_frames: int = 1) -> torch.Tensor:
+    """Per-sample [B, 2F, 2F] mask: ``base`` with each row's view of the *clean* copy cut to the sink
+    frames, the newest ``windows[b]`` frames before the row's chunk, and the row's own chunk
+    (``windows[b] <= 0``: no cut). This is what a rolling / Forcing-KV-style cache shows the model."""
+    F_ = num_frames
+    rows = torch.arange(2 * F_) % F_
+    start = (rows // chunk) * chunk  # first frame of each row's chunk
+    cols = torch.arange(2 * F_)
+    clean_col = cols < F_
+    w = windows.clamp_min(0)[:, None, None]
+    keep = (cols[None, None, :] >= start[None, :, None] - w) | (cols[None, None, :] < sink_frames) | ~clean_col[None, None, :]
+    keep = keep | (windows <= 0)[:, None, None]
+    return base[None] & keep
+
+
+def gapped_frames(num_frames: int, chunk: int, first_chunk: int) -> torch.Tensor:
+    """Frame indices of a training sequence: chunk 0 (holds the sink), then ``num_frames - chunk``
+    contiguous frames starting at chunk ``first_chunk`` (1 = an ordinary contiguous clip). A gap
+    puts the window at the absolute RoPE positions of a long video."""
+    return torch.cat([torch.arange(chunk), torch.arange(first_chunk * chunk, first_chunk * chunk + num_frames - chunk)])
+
+
+def corrupt_context(x0: torch.Tensor, generator: torch.Generator, prob: float, max_blur: float = 1.0, max_noise: float = 0.1) -> torch.Tensor:
+    """Degrade the clean context copy the way the model's own outputs are degraded (blur, noise).
+
+    Teacher forcing shows the model perfect context, but at generation time it reads its own
+    blurry chunks; the gap makes small differences grow chunk after chunk (exposure bias). Training
+    the noisy copy to predict the *true* frames from degraded context teaches the model to pull a
+    drifting rollout back, so two rollouts that differ slightly (e.g. full vs compressed cache)
+    converge instead of diverging. A ``prob`` share of the clips gets a per-frame random blend
+    with a 3x3 blur (weight up to ``max_blur``) plus Gaussian noise (std up to ``max_noise``),
+    in pixel space; latents are the 2x space-to-depth of pixels in [-1, 1]."""
+    import torch.nn.functional as F_
+
+    B, Ch, nf, h, w = x0.shape
+    r = int(round((Ch) ** 0.5))
+    px = F_.pixel_shuffle(x0.transpose(1, 2).reshape(B * nf, Ch, h, w), r)  # [B*F, 1, H, W]
+    blur = F_.avg_pool2d(F_.pad(px, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    on = (torch.rand(B, 1, generator=generator) < prob).float()
+    a = (torch.rand(B, nf, generator=generator) * max_blur * on).reshape(B * nf, 1, 1, 1)
+    n = (torch.rand(B, nf, generator=generator) * max_noise * on).reshape(B * nf, 1, 1, 1)
+    px = (1 - a) * px + a * blur + n * 2 * torch.randn(px.shape, generator=generator)
+    lat = F_.pixel_unshuffle(px, r).reshape(B, nf, Ch, h, w).transpose(1, 2)
+    return lat.contiguous()
+
+
 def teacher_forcing_mask(num_frames: int, chunk: int) -> torch.Tensor:
     """[2F, 2F] frame mask for (clean copy, noisy copy)."""
     c = torch.arange(num_frames) // chunk
@@ -72,7 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-steps", type=int, default=100000)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--frames", type=int, default=12)
-    ap.add_argument("--max-offset", type=int, default=12, help="random absolute frame offset of a clip (RoPE)")
+    ap.add_argument("--max-position", type=int, default=100, help="largest absolute frame index a gapped sequence reaches")
+    ap.add_argument("--contiguous-prob", type=float, default=0.4, help="share of sequences without a gap after chunk 0")
+    ap.add_argument("--window-prob", type=float, default=0.6, help="share of sequences whose history is cut to sink + window")
+    ap.add_argument("--max-window", type=int, default=6, help="windows are drawn from 1..max-window frames")
+    ap.add_argument("--corrupt-prob", type=float, default=0.5, help="share of clips whose clean context is blurred / noised")
+    ap.add_argument("--consistency", type=float, default=0.0,
+                    help="> 0: also run every clip with its whole history and add this weight times the squared gap "
+                         "between the windowed and the full-history prediction (all clips are windowed then)")
+    ap.add_argument("--init", default=None, help="start from this model directory instead of random weights")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -85,7 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(evaluate(load_reference(args.out)), indent=1))
         return 0
     cfg = ARVideoConfig(chunk_frames=3, pixel_shuffle=2, height=12, width=12)
-    pipe = ARVideoPipeline(build_transformer(args.seed), cfg)
+    if args.init:
+        from diffusers import WanTransformer3DModel
+
+        pipe = ARVideoPipeline(WanTransformer3DModel.from_pretrained(args.init), cfg)
+    else:
+        pipe = ARVideoPipeline(build_transformer(args.seed), cfg)
     model = pipe.transformer.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(args.seed)
@@ -99,7 +158,13 @@ def main(argv: list[str] | None = None) -> int:
         frac = (time.time() - t_start) / budget
         for gp in opt.param_groups:
             gp["lr"] = args.lr * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-        x0, prompts, _ = make_batch(args.batch, Fr, gen)
+        if float(torch.rand((), generator=gen)) < args.contiguous_prob:
+            first = 1
+        else:
+            first = int(torch.randint(2, max(3, (args.max_position - Fr + 2 * C) // C), (1,), generator=gen))
+        idx = gapped_frames(Fr, C, first)
+        x0, prompts, _ = make_batch(args.batch, int(idx[-1]) + 1, gen)
+        x0 = x0[:, :, idx].contiguous()
         emb = prompt_embeds(prompts)
         B = x0.shape[0]
         n_chunks = Fr // C
@@ -111,12 +176,29 @@ def main(argv: list[str] | None = None) -> int:
         eps = torch.randn(x0.shape, generator=gen)
         s5 = sig[:, None, :, None, None]
         xt = (1 - s5) * x0 + s5 * eps
-        off = int(torch.randint(0, args.max_offset + 1, (1,), generator=gen))
-        pos = torch.arange(off, off + Fr)
-        inp = torch.cat([x0, xt], 2)
+        pos = idx
+        win = torch.randint(1, args.max_window + 1, (B,), generator=gen)
+        if args.consistency <= 0:
+            win = torch.where(torch.rand(B, generator=gen) < args.window_prob, win, torch.zeros_like(win))
+        bmask = history_window_mask(mask, Fr, C, win)
+        ctx_in = corrupt_context(x0, gen, args.corrupt_prob) if args.corrupt_prob > 0 else x0
+        inp = torch.cat([ctx_in, xt], 2)
         frame_sig = torch.cat([torch.zeros(B, Fr), sig], 1)
-        v = pipe.forward_dense(inp, frame_sig, emb, frame_positions=torch.cat([pos, pos]), frame_mask=mask)[:, :, Fr:]
-        loss = ((v - (eps - x0)) ** 2).mean()
+        v = pipe.forward_dense(inp, frame_sig, emb, frame_positions=torch.cat([pos, pos]), frame_mask=bmask)[:, :, Fr:]
+        # after a gap the first chunk has no recent frames to go on: it is context, not a target
+        lw = torch.ones(Fr)
+        if first > 1:
+            lw[C : 2 * C] = 0
+
+        def weighted(err):
+            return ((err**2).mean(dim=(1, 3, 4)) * lw).sum() / (B * lw.sum())
+
+        loss = weighted(v - (eps - x0))
+        if args.consistency > 0:
+            # the same clips with the whole history: both fit the data, and the windowed prediction
+            # is pulled toward the full-history one (distilling long context into sink + window)
+            v_full = pipe.forward_dense(inp, frame_sig, emb, frame_positions=torch.cat([pos, pos]), frame_mask=mask)[:, :, Fr:]
+            loss = 0.5 * (loss + weighted(v_full - (eps - x0))) + args.consistency * weighted(v - v_full.detach())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -135,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     pipe.save_pretrained(args.out)
     with open(os.path.join(args.out, "train_meta.json"), "w") as f:
-        json.dump({"steps": step, "batch": args.batch, "frames": args.frames, "max_offset": args.max_offset,
+        json.dump({"steps": step, "batch": args.batch, "frames": args.frames, "max_position": args.max_position,
+                   "contiguous_prob": args.contiguous_prob, "window_prob": args.window_prob, "max_window": args.max_window,
+                   "init": args.init, "lr": args.lr, "corrupt_prob": args.corrupt_prob, "consistency": args.consistency,
                    "final_loss_ema": ema, "minutes": (time.time() - t_start) / 60, "threads": args.threads, "seed": args.seed}, f, indent=1)
     print(f"done: {step} steps, loss ema {ema:.4f}")
     return 0

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dcache.pipelines.ar_video.reference import make_batch, prompt_embeds
-from dcache.pipelines.ar_video.train_reference import teacher_forcing_mask
+from dcache.pipelines.ar_video.train_reference import corrupt_context, gapped_frames, history_window_mask, teacher_forcing_mask
 
 
 def test_teacher_forcing_forward_equals_cached_loop(pipe, emb):
@@ -27,6 +27,47 @@ def test_teacher_forcing_forward_equals_cached_loop(pipe, emb):
         want = torch.cat([t["v"] for t in noisy_t], 2)
         assert (v - want).abs().max() < 1e-4
     assert len(last_noisy) == 4
+
+
+def test_windowed_training_forward_equals_rolling_cache(pipe, emb):
+    """The history-window training mask is exactly what kv-rolling (sink 1, window W) shows the model."""
+    import dcache
+
+    nf, C, W = 12, 3, 3
+    dcache.accelerate(pipe, policy="kv-rolling", sink_frames=1, window_frames=W)
+    pipe.trace = []
+    pipe(emb, num_frames=nf, seed=5)
+    commits = [t for t in pipe.trace if t["commit"]]
+    clean = torch.cat([t["x"] for t in commits] + [torch.zeros_like(commits[0]["x"])], 2)
+    mask = history_window_mask(teacher_forcing_mask(nf, C), nf, C, torch.tensor([W]))
+    assert mask.shape == (1, 2 * nf, 2 * nf)
+    for step in (0, 3):
+        noisy_t = [t for t in pipe.trace if not t["commit"]][step::4]
+        noisy = torch.cat([t["x"] for t in noisy_t], 2)
+        sig = torch.cat([torch.zeros(1, nf), torch.tensor([[t["sigma"]] * C for t in noisy_t]).reshape(1, nf)], 1)
+        pos = torch.arange(nf)
+        v = pipe.forward_dense(torch.cat([clean, noisy], 2), sig, emb, frame_positions=torch.cat([pos, pos]), frame_mask=mask)[:, :, nf:]
+        want = torch.cat([t["v"] for t in noisy_t], 2)
+        assert (v - want).abs().max() < 1e-4
+        # and the cut matters: the full-history mask gives a different answer for the last chunks
+        v_full = pipe.forward_dense(torch.cat([clean, noisy], 2), sig, emb, frame_positions=torch.cat([pos, pos]),
+                                    frame_mask=teacher_forcing_mask(nf, C))[:, :, nf:]
+        assert (v_full[:, :, 9:] - want[:, :, 9:]).abs().max() > 1e-3
+    dcache.disable(pipe)
+
+
+def test_training_sequence_helpers():
+    m = teacher_forcing_mask(6, 3)
+    assert torch.equal(history_window_mask(m, 6, 3, torch.tensor([0]))[0], m)  # window 0 = no cut
+    w1 = history_window_mask(m, 6, 3, torch.tensor([1]))[0]
+    assert w1[3, :3].tolist() == [True, False, True]  # chunk 1 keeps the sink and the newest frame
+    assert w1[9, :3].tolist() == [True, False, True] and w1[9, 9:].all()  # noisy rows too; own noisy chunk kept
+    assert gapped_frames(9, 3, 1).tolist() == list(range(9))
+    assert gapped_frames(9, 3, 5).tolist() == [0, 1, 2, 15, 16, 17, 18, 19, 20]
+    lat, _, _ = make_batch(3, 6, torch.Generator().manual_seed(1))
+    assert torch.equal(corrupt_context(lat, torch.Generator().manual_seed(0), prob=0.0), lat)
+    bad = corrupt_context(lat, torch.Generator().manual_seed(0), prob=1.0)
+    assert bad.shape == lat.shape and (bad - lat).abs().mean() > 0.01
 
 
 def test_data_and_prompts():
