@@ -58,7 +58,7 @@ def _parse(argv):
     ap.add_argument("--static-ctx-frames", type=int, default=1)
     ap.add_argument("--dynamic-ring-frames", type=int, default=1)
     ap.add_argument("--dynamic-budget-frames", type=int, default=1)
-    ap.add_argument("--num-segments", type=int, default=6)
+    ap.add_argument("--num-segments", type=int, default=None, help="forcing-kv segments per frame (default: the policy's, 6 or the largest divisor of the tokens per frame below 6)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
     ap.add_argument("--out", default="results/bench_ar_video")
     return ap.parse_args(argv)
@@ -69,7 +69,9 @@ def _policy_options(name, a):
         return dict(sink_frames=a.sink_frames, window_frames=a.window_frames)
     if name == "forcing-kv":
         opts = dict(sink_frames=a.sink_frames, static_ctx_frames=a.static_ctx_frames, dynamic_ring_frames=a.dynamic_ring_frames,
-                    dynamic_budget_frames=a.dynamic_budget_frames, num_segments=a.num_segments)
+                    dynamic_budget_frames=a.dynamic_budget_frames)
+        if a.num_segments is not None:
+            opts["num_segments"] = a.num_segments
         if a.head_file:
             opts["head_file"] = a.head_file
         return opts

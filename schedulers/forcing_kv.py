@@ -42,12 +42,11 @@ class ForcingKVCache(ARKVCache):
     def __init__(self, layout: CacheLayout, cfg: "ForcingKVConfig", split: HeadSplit):
         super().__init__(layout)
         T, H = layout.tokens_per_frame, layout.num_heads
-        if T % cfg.num_segments:
-            raise ValueError(f"num_segments={cfg.num_segments} must divide tokens_per_frame={T}")
+        self.num_segments = cfg.segments_for(T)
         if split.num_layers != layout.num_layers or split.num_heads != H:
             raise ValueError(f"head split is for {split.num_layers}x{split.num_heads} heads, model has {layout.num_layers}x{H}")
         self.cfg, self.split = cfg, split
-        self.seg_tokens = T // cfg.num_segments
+        self.seg_tokens = T // self.num_segments
         self._sel: torch.Tensor | None = None
         s_regions = [("sink", cfg.sink_frames * T), ("ring", cfg.static_ctx_frames * T)]
         d_regions = [("sink", cfg.sink_frames * T), ("ring", cfg.dynamic_ring_frames * T), ("selected", cfg.dynamic_budget_frames * T)]
@@ -89,7 +88,7 @@ class ForcingKVCache(ARKVCache):
             seq_k, seq_v = torch.cat([old_k, new_k], 2), torch.cat([old_v, new_v], 2)
             seq_pos = torch.cat([ring.pos[old_slots], new_pos])
             if self._sel is None or int(self._sel.max()) >= n_cand * T:
-                self._sel = select_segments(seq_k, T, n_cand, self.cfg.num_segments, sel_region.cap // self.seg_tokens)
+                self._sel = select_segments(seq_k, T, n_cand, self.num_segments, sel_region.cap // self.seg_tokens)
             idx = self._sel.to(seq_k.device)
             g.overwrite("selected", seq_k.index_select(2, idx), seq_v.index_select(2, idx), seq_pos[self._sel])
         g.append("ring", new_k, new_v, new_pos)
@@ -128,7 +127,7 @@ class ForcingKVConfig:
         model ships one). sink_frames >= 0. static_ctx_frames >= 0: newest frames static heads keep.
     dynamic_ring_frames >= 1: newest frames dynamic heads keep. dynamic_budget_frames >= 0: size of
         the selected-segment buffer. num_segments >= 1: segments per frame (must divide the tokens per
-        frame). unsplit_layers: layers whose heads are all treated as static.
+        frame); None = 6 (Forcing-KV's) when 6 divides the tokens per frame, else the largest divisor below 6. unsplit_layers: layers whose heads are all treated as static.
     """
 
     head_file: str | None = None
@@ -136,12 +135,24 @@ class ForcingKVConfig:
     static_ctx_frames: int = 1
     dynamic_ring_frames: int = 1
     dynamic_budget_frames: int = 1
-    num_segments: int = 6
+    num_segments: int | None = None
     unsplit_layers: tuple = (0,)
+
+    def segments_for(self, tokens_per_frame: int) -> int:
+        """Segments per frame: ``num_segments`` if set (it must divide the tokens per frame); None:
+        Forcing-KV's 6 when it divides them, else the largest divisor below 6."""
+        T = tokens_per_frame
+        if self.num_segments is None:
+            return next(n for n in range(6, 0, -1) if T % n == 0)
+        if T % self.num_segments:
+            raise ValueError(f"num_segments={self.num_segments} must divide tokens_per_frame={T}")
+        return self.num_segments
 
     def __post_init__(self) -> None:
         for name, lo in (("sink_frames", 0), ("static_ctx_frames", 0), ("dynamic_ring_frames", 1), ("dynamic_budget_frames", 0), ("num_segments", 1)):
             val = getattr(self, name)
+            if name == "num_segments" and val is None:
+                continue
             if not isinstance(val, int) or isinstance(val, bool) or val < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {val!r}")
         if self.head_file is not None and not isinstance(self.head_file, (str, os.PathLike)):

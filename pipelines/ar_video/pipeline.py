@@ -32,6 +32,10 @@ from dcache.schedulers._kv_ring import CacheLayout
 __all__ = ["ARVideoConfig", "ARVideoPipeline", "ARVideoOutput", "block_causal_frame_mask", "sigmas_for"]
 
 PIPELINE_CONFIG = "arvideo_pipeline.json"
+# x0-renoise: Self-Forcing's few-step sampler for distilled generators (predict x0, re-noise with
+# fresh noise to the next level); euler: the flow-matching ODE (x += (sigma_next - sigma) * v, down to
+# sigma 0, no fresh noise), the sampler a model trained by plain flow matching expects.
+SAMPLERS = ("x0-renoise", "euler")
 HEAD_FILE = "forcingkv_heads.json"
 
 
@@ -44,6 +48,8 @@ class ARVideoConfig:
     latents, r >= 2 = decode by depth-to-space with factor r and map [-1, 1] to [0, 1] (the
     reference models' "VAE").
     height/width: default latent size (0 = must be given per call).
+    sampler: "x0-renoise" (Self-Forcing's, for distilled few-step generators) or "euler" (the
+    flow-matching ODE down to sigma 0 over the same levels, for models trained by plain flow matching).
     """
 
     chunk_frames: int = 3
@@ -53,6 +59,7 @@ class ARVideoConfig:
     pixel_shuffle: int = 0
     height: int = 0
     width: int = 0
+    sampler: str = "x0-renoise"
 
     def __post_init__(self) -> None:
         if not isinstance(self.chunk_frames, int) or self.chunk_frames < 1:
@@ -65,6 +72,8 @@ class ARVideoConfig:
             raise ValueError(f"shift must be > 0, got {self.shift!r}")
         if not 0 <= self.context_noise < 1000:
             raise ValueError(f"context_noise must be in [0, 1000), got {self.context_noise!r}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.pixel_shuffle not in (0,) and (not isinstance(self.pixel_shuffle, int) or self.pixel_shuffle < 2):
             raise ValueError(f"pixel_shuffle must be 0 or an int >= 2, got {self.pixel_shuffle!r}")
 
@@ -271,6 +280,10 @@ class ARVideoPipeline:
                 x = noise()
                 for i, s in enumerate(sig):
                     v = self.forward_chunk(x, s, fs, prompt_embeds, cache, commit=False)
+                    if cfg.sampler == "euler":
+                        x = x + ((sig[i + 1] if i + 1 < len(sig) else 0.0) - s) * v
+                        x0 = x
+                        continue
                     x0 = x - s * v
                     if i + 1 < len(sig):
                         x = (1 - sig[i + 1]) * x0 + sig[i + 1] * noise()

@@ -27,6 +27,7 @@ __all__ = ["MODEL_KWARGS", "CANVAS", "VELOCITIES", "make_batch", "prompt_embeds"
 CANVAS = 24
 DIGIT = 12
 VELOCITIES = (-2, -1, 1, 2)
+LATENT = CANVAS // 2
 TEXT_DIM = 32
 MODEL_KWARGS = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4,
                     text_dim=TEXT_DIM, freq_dim=64, ffn_dim=192, num_layers=4, rope_max_seq_len=128)
@@ -101,7 +102,7 @@ def make_batch(batch: int, num_frames: int, generator: torch.Generator, digit_po
             px[b, 0, f] = fr
         prompts.append((int(labels[i]), vx, vy))
     lat = F.pixel_unshuffle(px.transpose(1, 2).reshape(batch * num_frames, 1, CANVAS, CANVAS) * 2 - 1, 2)
-    lat = lat.reshape(batch, num_frames, 4, CANVAS // 2, CANVAS // 2).transpose(1, 2).contiguous()
+    lat = lat.reshape(batch, num_frames, 4, LATENT, LATENT).transpose(1, 2).contiguous()
     return lat, prompts, px
 
 

@@ -23,7 +23,7 @@ import time
 import torch
 
 from dcache.pipelines.ar_video.pipeline import ARVideoConfig, ARVideoPipeline, sigmas_for
-from dcache.pipelines.ar_video.reference import build_transformer, make_batch, prompt_embeds
+from dcache.pipelines.ar_video.reference import LATENT, build_transformer, make_batch, prompt_embeds
 
 
 def history_window_mask(base: torch.Tensor, num_frames: int, chunk: int, windows: torch.Tensor, sink_frames: int = 1) -> torch.Tensor:
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(evaluate(load_reference(args.out)), indent=1))
         return 0
-    cfg = ARVideoConfig(chunk_frames=3, pixel_shuffle=2, height=12, width=12)
+    cfg = ARVideoConfig(chunk_frames=3, pixel_shuffle=2, height=LATENT, width=LATENT)
     if args.init:
         from diffusers import WanTransformer3DModel
 

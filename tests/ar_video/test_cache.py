@@ -145,3 +145,13 @@ def test_bad_configs_raise():
         ForcingKVCache(layout(), ForcingKVConfig(num_segments=4), HeadSplit(L, H, [[]] * L, [list(range(H))] * L))
     with pytest.raises(ValueError, match="head_file"):
         ForcingKVConfig().build_cache(layout())
+
+
+def test_num_segments_auto_and_explicit():
+    assert ForcingKVConfig().segments_for(1560) == 6  # Wan 480p: 30 x 52 tokens, Forcing-KV's 6
+    assert ForcingKVConfig().segments_for(64) == 4 and ForcingKVConfig().segments_for(35) == 5
+    assert ForcingKVConfig(num_segments=8).segments_for(64) == 8
+    with pytest.raises(ValueError, match="num_segments=8 must divide tokens_per_frame=36"):
+        ForcingKVConfig(num_segments=8).segments_for(36)
+    with pytest.raises(ValueError, match="num_segments must be an int >= 1"):
+        ForcingKVConfig(num_segments=0)

@@ -1,5 +1,6 @@
 """The cached chunk loop computes exactly what one block-causal forward computes."""
 
+import pytest
 import torch
 
 import dcache
@@ -75,3 +76,26 @@ def test_disable_restores_bitwise(pipe, emb, head_file):
     dcache.disable(pipe)
     assert torch.equal(pipe(emb, num_frames=6, seed=2).latents, ref)
     assert not hasattr(pipe, "dcache")
+
+
+def test_euler_sampler_integrates_the_flow(pipe, emb):
+    """sampler='euler': each chunk is x_noise + sum_i (sigma_{i+1} - sigma_i) v_i down to sigma 0, no fresh noise."""
+    import dataclasses
+
+    from dcache.pipelines.ar_video.pipeline import ARVideoConfig, sigmas_for
+
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        ARVideoConfig(sampler="ddim")
+    renoise = pipe(emb, num_frames=6, seed=3, decode=False).latents
+    pipe.config = dataclasses.replace(pipe.config, sampler="euler")
+    pipe.trace = []
+    out = pipe(emb, num_frames=6, seed=3, decode=False).latents
+    sig = sigmas_for(pipe.config.denoising_steps, pipe.config.shift) + [0.0]
+    for c in range(2):
+        steps = [t for t in pipe.trace if not t["commit"] and t["frame_start"] == 3 * c]
+        assert [t["sigma"] for t in steps] == sig[:-1]
+        x = steps[0]["x"] + sum((sig[i + 1] - sig[i]) * t["v"] for i, t in enumerate(steps))
+        assert (x - out[:, :, 3 * c : 3 * c + 3]).abs().max() < 1e-5
+        for i in range(1, len(steps)):  # deterministic: the next input is the previous Euler step
+            assert (steps[i]["x"] - (steps[i - 1]["x"] + (sig[i] - sig[i - 1]) * steps[i - 1]["v"])).abs().max() < 1e-5
+    assert not torch.allclose(out, renoise)
