@@ -144,6 +144,13 @@ class HeadGroup:
         idx = torch.cat(idx).to(self.k.device)
         return self.k.index_select(2, idx), self.v.index_select(2, idx)
 
+    def key_frames(self, frame_start: int) -> torch.Tensor:
+        """Absolute frame index of every key ``kv_for_attention`` returns, in the same order (CPU)."""
+        T, C = self.layout.tokens_per_frame, self.layout.chunk_frames
+        parts = [torch.arange(frame_start, frame_start + C).repeat_interleave(T)]
+        parts += [r.pos[: r.valid] // T for r in self.regions.values()]
+        return torch.cat(parts)
+
     def chunk_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[:, :, : self.slot], self.v[:, :, : self.slot]
 
@@ -210,7 +217,10 @@ class ARKVCache:
     def begin_commit(self) -> None:
         """Called once before each clean pass (policies that share decisions across layers reset here)."""
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_start: int, commit: bool) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_start: int, commit: bool,
+               key_bias=None) -> torch.Tensor:
+        """``key_bias(heads, key_frames) -> [Hg, Lq, Lk]`` optionally adds a model-defined bias that
+        depends on the cached keys' absolute frames (heads: the group's head index, None = all)."""
         from dcache.kernels.kv_gather import gather_heads, scatter_heads
 
         groups = self.groups[layer]
@@ -219,14 +229,16 @@ class ARKVCache:
             g.put_chunk(k, v)
             kk, vv = g.kv_for_attention()
             self.attended_keys += kk.shape[2] * g.num_heads
-            out = sdpa(q, kk, vv)
+            mask = None if key_bias is None else key_bias(None, g.key_frames(frame_start))
+            out = sdpa(q, kk, vv, mask)
         else:
             out = torch.empty_like(q)
             for g in groups:
                 g.put_chunk(k, v)
                 kk, vv = g.kv_for_attention()
                 self.attended_keys += kk.shape[2] * g.num_heads
-                scatter_heads(out, sdpa(gather_heads(q, g.index), kk, vv), g.index)
+                mask = None if key_bias is None else key_bias(g.index, g.key_frames(frame_start))
+                scatter_heads(out, sdpa(gather_heads(q, g.index), kk, vv, mask), g.index)
         self.attend_calls += q.shape[1]
         if commit:
             self._commit(layer, frame_start)

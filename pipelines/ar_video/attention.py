@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["RunContext", "FrameOffsetRope", "RopeTables", "rotate", "CausalSelfAttnProcessor", "CachedCrossAttnProcessor", "apply_rope"]
+__all__ = ["RunContext", "RecencyBias", "FrameOffsetRope", "RopeTables", "rotate", "CausalSelfAttnProcessor", "CachedCrossAttnProcessor", "apply_rope"]
 
 
 @dataclass
@@ -35,7 +35,8 @@ class RunContext:
     frame_start: int = 0
     cross_cache: dict = field(default_factory=dict)  # layer -> (k, v)
     cross_cache_on: bool = False
-    recorder: Any = None  # head profiler hook: called with (layer, q, k) in dense mode
+    recorder: Any = None  # head profiler hook: called with (layer, q, k, additive bias or None) in dense mode
+    recency: Any = None  # RecencyBias of the model, or None (plain Wan attention)
 
 
 class FrameOffsetRope(nn.Module):
@@ -99,6 +100,39 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2).type_as(x)
 
 
+class RecencyBias:
+    """A per-head attention bias that decays with temporal distance: ``-slope[layer, head] * (f_q - f_k)``
+    for keys in earlier frames, 0 for keys in the query's own or later frames and for sink frames.
+
+    An ALiBi-style recency prior over latent frames (Press et al., ALiBi, arXiv 2108.12409, applied to
+    frames). Wan has none; the reference model uses it to *plant* the head roles that Forcing-KV finds
+    in real Self-Forcing models (local "static" heads with a steep slope, "dynamic" heads with a
+    shallow one), which a CPU-trained toy model does not learn by itself. Stored as
+    ``temporal_bias.json``: ``{"slopes": [[per head] per layer], "sink_frames": n}``.
+    """
+
+    def __init__(self, slopes, sink_frames: int = 1):
+        self.slopes = torch.as_tensor(slopes, dtype=torch.float32)
+        if self.slopes.dim() != 2 or (self.slopes < 0).any():
+            raise ValueError(f"recency slopes must be a [layers][heads] list of values >= 0, got shape {tuple(self.slopes.shape)}")
+        self._given = self.slopes.tolist() if isinstance(slopes, torch.Tensor) else [[float(x) for x in row] for row in slopes]
+        if not isinstance(sink_frames, int) or sink_frames < 0:
+            raise ValueError(f"sink_frames must be an int >= 0, got {sink_frames!r}")
+        self.sink_frames = sink_frames
+
+    def to_dict(self) -> dict:
+        return {"slopes": self._given, "sink_frames": self.sink_frames}
+
+    def __call__(self, layer: int, heads, q_frames: torch.Tensor, k_frames: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[Hg, Lq, Lk] additive bias for query/key token frame indices."""
+        s = self.slopes[layer]
+        if heads is not None:
+            s = s[heads.cpu() if isinstance(heads, torch.Tensor) else heads]
+        dist = (q_frames[:, None] - k_frames[None, :]).clamp_min(0).to(torch.float32)
+        dist = dist.masked_fill((k_frames < self.sink_frames)[None, :], 0.0)
+        return (-s.to(dist.device)[:, None, None] * dist).to(dtype)
+
+
 def expand_frame_mask(frame_mask: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:
     """[F, F] or per-sample [B, F, F] frame mask -> token mask broadcastable to [B, H, L, L]."""
     m = frame_mask.repeat_interleave(tokens_per_frame, -2).repeat_interleave(tokens_per_frame, -1)
@@ -120,14 +154,30 @@ class CausalSelfAttnProcessor:
         if rotary_emb is not None:
             q, k = rotate(q, rotary_emb), rotate(k, rotary_emb)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
+        rec = ctx.recency
         if ctx.mode == "cache":
-            out = ctx.cache.attend(self.layer, q, k, v, ctx.frame_start, ctx.commit)
+            bias = None
+            if rec is not None:
+                T = q.shape[2] // ctx.frame_positions.numel()
+                q_frames = ctx.frame_positions.repeat_interleave(T).to(q.device)
+
+                def bias(heads, k_frames, _layer=self.layer):
+                    return rec(_layer, heads, q_frames, k_frames.to(q.device), q.dtype)
+
+            out = ctx.cache.attend(self.layer, q, k, v, ctx.frame_start, ctx.commit, key_bias=bias)
         else:
             mask = None
             if ctx.frame_mask is not None:
                 mask = expand_frame_mask(ctx.frame_mask, ctx.tokens_per_frame).to(q.device)
+            if rec is not None:
+                n_frames = ctx.frame_positions.numel() if ctx.frame_positions is not None else None
+                pos = ctx.frame_positions if ctx.frame_positions is not None else torch.arange(q.shape[2] // max(ctx.tokens_per_frame, 1))
+                T = q.shape[2] // (n_frames or pos.numel())
+                frames = pos.repeat_interleave(T).to(q.device)
+                bias = rec(self.layer, None, frames, frames, q.dtype)[None]  # [1, H, L, L]
+                mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
             if ctx.recorder is not None:
-                ctx.recorder(self.layer, q, k)
+                ctx.recorder(self.layer, q, k, mask if rec is not None else None)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).flatten(2, 3).type_as(hidden_states)
         return attn.to_out[1](attn.to_out[0](out))

@@ -26,12 +26,13 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from dcache.pipelines.ar_video.attention import CachedCrossAttnProcessor, CausalSelfAttnProcessor, FrameOffsetRope, RunContext
+from dcache.pipelines.ar_video.attention import CachedCrossAttnProcessor, CausalSelfAttnProcessor, FrameOffsetRope, RecencyBias, RunContext
 from dcache.schedulers._kv_ring import CacheLayout
 
 __all__ = ["ARVideoConfig", "ARVideoPipeline", "ARVideoOutput", "block_causal_frame_mask", "sigmas_for"]
 
 PIPELINE_CONFIG = "arvideo_pipeline.json"
+RECENCY_FILE = "temporal_bias.json"
 # x0-renoise: Self-Forcing's few-step sampler for distilled generators (predict x0, re-noise with
 # fresh noise to the next level); euler: the flow-matching ODE (x += (sigma_next - sigma) * v, down to
 # sigma 0, no fresh noise), the sampler a model trained by plain flow matching expects.
@@ -120,7 +121,7 @@ class ARVideoPipeline:
     _dcache_task = "ar-video"
 
     def __init__(self, transformer: Any, config: ARVideoConfig | None = None, head_file: str | None = None,
-                 text_encoder: Callable[[Any], torch.Tensor] | None = None):
+                 text_encoder: Callable[[Any], torch.Tensor] | None = None, recency: RecencyBias | dict | None = None):
         from dcache.schedulers.kv_full import KVFullConfig
 
         self.transformer = transformer
@@ -128,6 +129,12 @@ class ARVideoPipeline:
         self.head_file = head_file
         self.text_encoder = text_encoder
         self.ctx = RunContext()
+        if isinstance(recency, dict):
+            recency = RecencyBias(**recency)
+        if recency is not None and tuple(recency.slopes.shape) != (len(transformer.blocks), transformer.config.num_attention_heads):
+            raise ValueError(f"recency slopes have shape {tuple(recency.slopes.shape)}, the model has "
+                             f"{len(transformer.blocks)} layers x {transformer.config.num_attention_heads} heads")
+        self.ctx.recency = recency
         self._install()
         self._default_policy = KVFullConfig()
         self._policy = self._default_policy
@@ -140,6 +147,8 @@ class ARVideoPipeline:
         tr = self.transformer
         if not isinstance(tr.rope, FrameOffsetRope):
             tr.rope = FrameOffsetRope(tr.rope, self.ctx)
+        else:  # a transformer handed from one pipeline to another follows the newest one
+            tr.rope.ctx = self.ctx
         for i, block in enumerate(tr.blocks):
             block.attn1.set_processor(CausalSelfAttnProcessor(i, self.ctx))
             block.attn2.set_processor(CachedCrossAttnProcessor(i, self.ctx))
@@ -333,6 +342,10 @@ class ARVideoPipeline:
                 cfg = ARVideoConfig(**json.load(f))
         head = os.path.join(path, HEAD_FILE)
         kw.setdefault("head_file", head if os.path.exists(head) else None)
+        rec = os.path.join(path, RECENCY_FILE)
+        if "recency" not in kw and os.path.exists(rec):
+            with open(rec) as f:
+                kw["recency"] = json.load(f)
         return cls(transformer, cfg, **kw)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -340,3 +353,6 @@ class ARVideoPipeline:
         self.transformer.save_pretrained(path)
         with open(os.path.join(path, PIPELINE_CONFIG), "w") as f:
             json.dump(asdict(self.config), f, indent=1)
+        if self.ctx.recency is not None:
+            with open(os.path.join(path, RECENCY_FILE), "w") as f:
+                json.dump(self.ctx.recency.to_dict(), f, indent=1)

@@ -31,11 +31,16 @@ from dcache.schedulers._forcing_heads import HeadSplit, save_head_file
 __all__ = ["frame_attention_mass", "scores_to_split", "profile_heads"]
 
 
-def frame_attention_mass(q: torch.Tensor, k: torch.Tensor, tokens_per_frame: int, query_tokens: slice) -> torch.Tensor:
+def frame_attention_mass(q: torch.Tensor, k: torch.Tensor, tokens_per_frame: int, query_tokens: slice,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
     """[H, F_k]: mean over ``query_tokens`` of the attention mass each key frame receives (no mask:
-    the profiled queries are the last chunk, which may see every key)."""
+    the profiled queries are the last chunk, which may see every key; ``bias``: the model's additive
+    attention bias over the whole sequence, if it has one)."""
     qq = q[:, :, query_tokens].float()
-    att = torch.softmax(qq @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)  # [B, H, Lq, Lk]
+    logits = qq @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        logits = logits + bias[..., query_tokens, :].float()
+    att = torch.softmax(logits, dim=-1)  # [B, H, Lq, Lk]
     B, H, Lq, Lk = att.shape
     mass = att.reshape(B, H, Lq, Lk // tokens_per_frame, tokens_per_frame).sum(-1)
     return mass.mean(dim=(0, 2))
@@ -89,7 +94,7 @@ def profile_heads(pipe, prompt_embeds_list: list[torch.Tensor], num_frames: int,
                 fs = torch.zeros(x.shape[0], nf)
                 fs[:, -C:] = s
                 rec = {}
-                pipe.ctx.recorder = lambda layer, q, k: rec.__setitem__(layer, frame_attention_mass(q, k, T, slice((nf - C) * T, nf * T)))
+                pipe.ctx.recorder = lambda layer, q, k, bias: rec.__setitem__(layer, frame_attention_mass(q, k, T, slice((nf - C) * T, nf * T), bias))
                 try:
                     pipe.forward_dense(x, fs, emb, frame_mask=block_causal_frame_mask(nf, C))
                 finally:

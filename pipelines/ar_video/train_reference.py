@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--consistency", type=float, default=0.0,
                     help="> 0: also run every clip with its whole history and add this weight times the squared gap "
                          "between the windowed and the full-history prediction (all clips are windowed then)")
+    ap.add_argument("--recency", default=None,
+                    help="plant head roles with a recency bias: per-layer slopes 'h0,h1,..;h0,h1,..' (one group per layer), "
+                         "see dcache.pipelines.ar_video.attention.RecencyBias")
     ap.add_argument("--init", default=None, help="start from this model directory instead of random weights")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=1)
@@ -145,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         pipe = ARVideoPipeline(WanTransformer3DModel.from_pretrained(args.init), cfg)
     else:
         pipe = ARVideoPipeline(build_transformer(args.seed), cfg)
+    if args.recency:
+        from dcache.pipelines.ar_video.attention import RecencyBias
+
+        slopes = [[float(x) for x in grp.split(",")] for grp in args.recency.split(";")]
+        pipe.ctx.recency = RecencyBias(slopes, sink_frames=1)
     model = pipe.transformer.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(args.seed)
@@ -219,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(args.out, "train_meta.json"), "w") as f:
         json.dump({"steps": step, "batch": args.batch, "frames": args.frames, "max_position": args.max_position,
                    "contiguous_prob": args.contiguous_prob, "window_prob": args.window_prob, "max_window": args.max_window,
-                   "init": args.init, "lr": args.lr, "corrupt_prob": args.corrupt_prob, "consistency": args.consistency,
+                   "init": args.init, "lr": args.lr, "corrupt_prob": args.corrupt_prob, "consistency": args.consistency, "recency": args.recency,
                    "final_loss_ema": ema, "minutes": (time.time() - t_start) / 60, "threads": args.threads, "seed": args.seed}, f, indent=1)
     print(f"done: {step} steps, loss ema {ema:.4f}")
     return 0
