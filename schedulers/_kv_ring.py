@@ -85,6 +85,9 @@ class HeadGroup:
         shape = (layout.batch_size, self.num_heads, start, layout.head_dim)
         self.k = torch.zeros(shape, dtype=layout.dtype, device=layout.device)
         self.v = torch.zeros(shape, dtype=layout.dtype, device=layout.device)
+        self.version = 0  # bumped whenever the cached keys change (keys a per-chunk mask cache)
+        self._mask_key: tuple | None = None
+        self._mask: torch.Tensor | None = None
         if self.heads is not None:
             self.heads = self.heads.to(layout.device)
         from dcache.kernels.kv_gather import as_head_index
@@ -97,6 +100,7 @@ class HeadGroup:
     def reset(self) -> None:
         for r in self.regions.values():
             r.reset()
+        self.version += 1
 
     def history_bytes(self) -> int:
         """Allocated bytes of the cached history (K and V, all regions, chunk slot excluded)."""
@@ -175,6 +179,7 @@ class HeadGroup:
                 self.v[:, :, r.start + sa : r.start + sb] = v[:, :, a:b]
                 r.pos[sa:sb] = pos[a:b]
         r.ptr = (r.ptr + n) % r.cap
+        self.version += 1
         r.valid = min(r.cap, r.valid + n)
 
     def overwrite(self, name: str, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
@@ -188,6 +193,18 @@ class HeadGroup:
         r.pos.fill_(-1)
         r.pos[:n] = pos
         r.valid, r.ptr = n, n % max(r.cap, 1)
+        self.version += 1
+
+    def bias_for(self, key_bias, frame_start: int, num_queries: int) -> torch.Tensor | None:
+        """``key_bias`` evaluated on this group's keys, reused while the keys do not change (the
+        denoising passes of a chunk and its clean pass all see the same cached keys)."""
+        if key_bias is None:
+            return None
+        key = (frame_start, self.version, num_queries)
+        if self._mask_key != key:
+            self._mask = key_bias(self.index, self.key_frames(frame_start))
+            self._mask_key = key
+        return self._mask
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -229,16 +246,14 @@ class ARKVCache:
             g.put_chunk(k, v)
             kk, vv = g.kv_for_attention()
             self.attended_keys += kk.shape[2] * g.num_heads
-            mask = None if key_bias is None else key_bias(None, g.key_frames(frame_start))
-            out = sdpa(q, kk, vv, mask)
+            out = sdpa(q, kk, vv, g.bias_for(key_bias, frame_start, q.shape[2]))
         else:
             out = torch.empty_like(q)
             for g in groups:
                 g.put_chunk(k, v)
                 kk, vv = g.kv_for_attention()
                 self.attended_keys += kk.shape[2] * g.num_heads
-                mask = None if key_bias is None else key_bias(g.index, g.key_frames(frame_start))
-                scatter_heads(out, sdpa(gather_heads(q, g.index), kk, vv, mask), g.index)
+                scatter_heads(out, sdpa(gather_heads(q, g.index), kk, vv, g.bias_for(key_bias, frame_start, q.shape[2])), g.index)
         self.attend_calls += q.shape[1]
         if commit:
             self._commit(layer, frame_start)
