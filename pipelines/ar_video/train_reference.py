@@ -7,9 +7,15 @@ what the cached inference loop computes (clean commit pass + noisy denoise passe
 model runs unchanged in :class:`~dcache.pipelines.ar_video.pipeline.ARVideoPipeline`. Loss: flow
 matching (v = noise - x0) on the noisy copy; half of the noise levels are the sampler's four sigmas.
 
-Usage::
+Options shape the history the model learns from: gapped sequences put a clip at the absolute
+positions of a long video, history windows cut the clean context to sink + newest frames (what
+``kv-rolling`` shows), context corruption blurs/noises it (exposure bias), ``--recency`` plants
+per-head recency slopes. The shipped model's three stages are listed in ``docs/ar_video.md``.
 
-    nice -n 10 python -m dcache.pipelines.ar_video.train_reference --minutes 45 --out pipelines/zoo/arvideo_digits
+Usage (stage 3 of the shipped model)::
+
+    python -m dcache.pipelines.ar_video.train_reference --init STAGE2_DIR --out DIR --frames 21 --lr 5e-4 \
+        --threads 2 --window-prob 0.3 --corrupt-prob 0.5 --recency "3,3,3,3;3,1,3,1;1,3,3,1;3,1,1,3" --minutes 32
 """
 
 from __future__ import annotations
