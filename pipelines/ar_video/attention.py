@@ -171,10 +171,8 @@ class CausalSelfAttnProcessor:
             if ctx.frame_mask is not None:
                 mask = expand_frame_mask(ctx.frame_mask, ctx.tokens_per_frame).to(q.device)
             if rec is not None:
-                n_frames = ctx.frame_positions.numel() if ctx.frame_positions is not None else None
-                pos = ctx.frame_positions if ctx.frame_positions is not None else torch.arange(q.shape[2] // max(ctx.tokens_per_frame, 1))
-                T = q.shape[2] // (n_frames or pos.numel())
-                frames = pos.repeat_interleave(T).to(q.device)
+                pos = ctx.frame_positions if ctx.frame_positions is not None else torch.arange(q.shape[2] // ctx.tokens_per_frame)
+                frames = pos.repeat_interleave(q.shape[2] // pos.numel()).to(q.device)
                 bias = rec(self.layer, None, frames, frames, q.dtype)  # [1, H, L, L]
                 mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
             if ctx.recorder is not None:

@@ -27,6 +27,7 @@ import os
 import time
 
 import torch
+import torch.nn.functional as F
 
 from dcache.pipelines.ar_video.pipeline import ARVideoConfig, ARVideoPipeline, sigmas_for
 from dcache.pipelines.ar_video.reference import LATENT, build_transformer, make_batch, prompt_embeds
@@ -36,11 +37,10 @@ def history_window_mask(base: torch.Tensor, num_frames: int, chunk: int, windows
     """Per-sample [B, 2F, 2F] mask: ``base`` with each row's view of the *clean* copy cut to the sink
     frames, the newest ``windows[b]`` frames before the row's chunk, and the row's own chunk
     (``windows[b] <= 0``: no cut). This is what a rolling / Forcing-KV-style cache shows the model."""
-    F_ = num_frames
-    rows = torch.arange(2 * F_) % F_
+    rows = torch.arange(2 * num_frames) % num_frames
     start = (rows // chunk) * chunk  # first frame of each row's chunk
-    cols = torch.arange(2 * F_)
-    clean_col = cols < F_
+    cols = torch.arange(2 * num_frames)
+    clean_col = cols < num_frames
     w = windows.clamp_min(0)[:, None, None]
     keep = (cols[None, None, :] >= start[None, :, None] - w) | (cols[None, None, :] < sink_frames) | ~clean_col[None, None, :]
     keep = keep | (windows <= 0)[:, None, None]
@@ -64,17 +64,15 @@ def corrupt_context(x0: torch.Tensor, generator: torch.Generator, prob: float, m
     converge instead of diverging. A ``prob`` share of the clips gets a per-frame random blend
     with a 3x3 blur (weight up to ``max_blur``) plus Gaussian noise (std up to ``max_noise``),
     in pixel space; latents are the 2x space-to-depth of pixels in [-1, 1]."""
-    import torch.nn.functional as F_
-
     B, Ch, nf, h, w = x0.shape
-    r = int(round((Ch) ** 0.5))
-    px = F_.pixel_shuffle(x0.transpose(1, 2).reshape(B * nf, Ch, h, w), r)  # [B*F, 1, H, W]
-    blur = F_.avg_pool2d(F_.pad(px, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    r = int(round(Ch**0.5))
+    px = F.pixel_shuffle(x0.transpose(1, 2).reshape(B * nf, Ch, h, w), r)  # [B*F, 1, H, W]
+    blur = F.avg_pool2d(F.pad(px, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     on = (torch.rand(B, 1, generator=generator) < prob).float()
     a = (torch.rand(B, nf, generator=generator) * max_blur * on).reshape(B * nf, 1, 1, 1)
     n = (torch.rand(B, nf, generator=generator) * max_noise * on).reshape(B * nf, 1, 1, 1)
     px = (1 - a) * px + a * blur + n * 2 * torch.randn(px.shape, generator=generator)
-    lat = F_.pixel_unshuffle(px, r).reshape(B, nf, Ch, h, w).transpose(1, 2)
+    lat = F.pixel_unshuffle(px, r).reshape(B, nf, Ch, h, w).transpose(1, 2)
     return lat.contiguous()
 
 

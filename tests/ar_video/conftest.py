@@ -40,3 +40,4 @@ def head_file(tmp_path):
     p = tmp_path / "heads.json"
     save_head_file(HeadSplit(2, 4, [[0, 2], [1]], [[1, 3], [0, 2, 3]]), p, profile="test")
     return str(p)
+

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import dcache
+from ar_checks import assert_cached_loop_equals_dense
 from dcache.pipelines.ar_video.pipeline import block_causal_frame_mask
 
 TOL = 1e-4  # fp32; observed max |diff| ~1e-6 on outputs of magnitude ~3
@@ -23,22 +24,7 @@ def test_rope_wrapper_matches_diffusers_rope(pipe):
 
 
 def test_full_cache_equals_block_causal_forward(pipe, emb):
-    pipe.trace = []
-    pipe(emb, num_frames=9, seed=0)
-    clean = torch.cat([t["x"] for t in pipe.trace if t["commit"]], 2)
-    v_commit = torch.cat([t["v"] for t in pipe.trace if t["commit"]], 2)
-    nf = clean.shape[2]
-    v_dense = pipe.forward_dense(clean, torch.zeros(1, nf), emb, frame_mask=block_causal_frame_mask(nf, 3))
-    assert v_commit.abs().max() > 0.1
-    assert (v_dense - v_commit).abs().max() < TOL
-    noisy = [t for t in pipe.trace if not t["commit"]]
-    assert len(noisy) == 3 * 4
-    for t in noisy:
-        fs = t["frame_start"]
-        x = torch.cat([clean[:, :, :fs], t["x"]], 2)
-        sig = torch.cat([torch.zeros(1, fs), torch.full((1, 3), t["sigma"])], 1)
-        v = pipe.forward_dense(x, sig, emb, frame_mask=block_causal_frame_mask(fs + 3, 3))[:, :, fs:]
-        assert (v - t["v"]).abs().max() < TOL, (fs, t["sigma"])
+    assert_cached_loop_equals_dense(pipe, emb, num_frames=9, tol=TOL)
 
 
 def test_mask_matters(pipe, emb):

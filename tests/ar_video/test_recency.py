@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import dcache
+from ar_checks import assert_cached_loop_equals_dense
 from dcache.pipelines.ar_video.attention import RecencyBias
-from dcache.pipelines.ar_video.pipeline import ARVideoPipeline, block_causal_frame_mask
+from dcache.pipelines.ar_video.pipeline import ARVideoPipeline
 
 TOL = 1e-4
 SLOPES = [[2.0, 0.3, 1.0, 0.0], [0.5, 2.0, 0.0, 1.5]]
@@ -40,24 +41,14 @@ def test_bias_validation(pipe):
 
 
 def test_cached_loop_equals_dense_forward_with_bias(rpipe, emb):
-    rpipe.trace = []
-    rpipe(emb, num_frames=9, seed=0)
-    clean = torch.cat([t["x"] for t in rpipe.trace if t["commit"]], 2)
-    nf = clean.shape[2]
-    for t in [t for t in rpipe.trace if not t["commit"]]:
-        fs = t["frame_start"]
-        x = torch.cat([clean[:, :, :fs], t["x"]], 2)
-        sig = torch.cat([torch.zeros(1, fs), torch.full((1, 3), t["sigma"])], 1)
-        v = rpipe.forward_dense(x, sig, emb, frame_mask=block_causal_frame_mask(fs + 3, 3))[:, :, fs:]
-        assert (v - t["v"]).abs().max() < TOL, (fs, t["sigma"])
-    v_commit = torch.cat([t["v"] for t in rpipe.trace if t["commit"]], 2)
-    v_dense = rpipe.forward_dense(clean, torch.zeros(1, nf), emb, frame_mask=block_causal_frame_mask(nf, 3))
-    assert (v_dense - v_commit).abs().max() < TOL
+    assert_cached_loop_equals_dense(rpipe, emb, num_frames=9, tol=TOL)
 
 
-def test_bias_changes_the_output_and_forcing_kv_unlimited_still_equals_full(pipe, rpipe, emb, head_file):
+def test_bias_changes_the_output_and_forcing_kv_unlimited_still_equals_full(rpipe, emb, head_file):
     ref = rpipe(emb, num_frames=12, seed=3).latents
-    assert (pipe(emb, num_frames=12, seed=3).latents - ref).abs().max() > 1e-3  # not vacuous
+    rec, rpipe.ctx.recency = rpipe.ctx.recency, None  # the same model without its bias
+    assert (rpipe(emb, num_frames=12, seed=3).latents - ref).abs().max() > 1e-3  # not vacuous
+    rpipe.ctx.recency = rec
     # head groups + ring/selected regions in another key order: the per-key frames must follow the keys
     dcache.accelerate(rpipe, policy="forcing-kv", head_file=head_file, static_ctx_frames=12, dynamic_ring_frames=12)
     assert (rpipe(emb, num_frames=12, seed=3).latents - ref).abs().max() < TOL
