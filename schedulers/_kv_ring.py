@@ -92,9 +92,8 @@ class HeadGroup:
             self.heads = self.heads.to(layout.device)
         from dcache.kernels.kv_gather import as_head_index
 
-        self.index = as_head_index(None if self.heads is None else self.heads.cpu())  # slice when contiguous
-        if isinstance(self.index, torch.Tensor):
-            self.index = self.heads
+        index = as_head_index(None if self.heads is None else self.heads.cpu())
+        self.index = self.heads if isinstance(index, torch.Tensor) else index  # slice when contiguous
 
     # -- bookkeeping --------------------------------------------------------------------------
     def reset(self) -> None:
@@ -236,7 +235,7 @@ class ARKVCache:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_start: int, commit: bool,
                key_bias=None) -> torch.Tensor:
-        """``key_bias(heads, key_frames) -> [Hg, Lq, Lk]`` optionally adds a model-defined bias that
+        """``key_bias(heads, key_frames) -> [1, Hg, Lq, Lk]`` optionally adds a model-defined bias that
         depends on the cached keys' absolute frames (heads: the group's head index, None = all)."""
         from dcache.kernels.kv_gather import gather_heads, scatter_heads
 

@@ -159,10 +159,10 @@ class CausalSelfAttnProcessor:
         if ctx.mode == "cache":
             bias = None
             if rec is not None:
-                T = q.shape[2] // ctx.frame_positions.numel()
-                q_frames = ctx.frame_positions.repeat_interleave(T).to(q.device)
+                pos = ctx.frame_positions
 
-                def bias(heads, k_frames, _layer=self.layer):
+                def bias(heads, k_frames, _layer=self.layer):  # called only when the cache's keys changed
+                    q_frames = pos.repeat_interleave(q.shape[2] // pos.numel()).to(q.device)
                     return rec(_layer, heads, q_frames, k_frames.to(q.device), q.dtype)
 
             out = ctx.cache.attend(self.layer, q, k, v, ctx.frame_start, ctx.commit, key_bias=bias)
