@@ -57,6 +57,8 @@ class Run:
         self.flops_avoided = 0.0
         self.peak_cache_bytes = 0
         self._avoided: list[str] = []
+        # One entry per denoiser call: what each site did (the demo's per-step timeline).
+        self.timeline: list[dict[str, Any]] = []
 
     # -- steps ---------------------------------------------------------------------------------
     def next_call(self, timestep: float) -> Step:
@@ -69,6 +71,7 @@ class Run:
             self._last_t = timestep
         self.calls += 1
         self.current = Step(self.step_index, self.branch, timestep, self.num_steps)
+        self.timeline.append({"step": self.step_index, "branch": self.branch, "timestep": float(timestep), "sites": {}})
         return self.current
 
     def looks_like_new_trajectory(self, timestep: float, decreasing: bool = True) -> bool:
@@ -89,6 +92,8 @@ class Run:
     # -- accounting ----------------------------------------------------------------------------
     def count(self, kind: str, site: str | None = None, n: int = 1) -> None:
         self.counts[kind] += n
+        if site is not None and self.timeline:
+            self.timeline[-1]["sites"][site] = kind
         if site is not None:
             d = self.site_counts.setdefault(site, {"computed": 0, "reused": 0, "forecast": 0})
             d[kind] += n
@@ -125,4 +130,6 @@ class Run:
             "estimated_speedup": 1.0 / (1.0 - frac) if frac < 1 else float("inf"),
             "peak_cache_bytes": self.peak_cache_bytes,
             "cache_bytes": self.cache_bytes(),
+            # [{"step", "branch", "timestep", "sites": {site: "computed"|"reused"|"forecast"}}, ...]
+            "timeline": [dict(e, sites=dict(e["sites"])) for e in self.timeline],
         }

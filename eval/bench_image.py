@@ -16,7 +16,6 @@ with ``--resume`` skips the rows already there.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import re
@@ -28,6 +27,7 @@ from typing import Any, Callable
 import torch
 
 import dcache
+from dcache.eval import policy_spec
 
 # On the embedded model at 50 steps these span ~2.3x to ~3x. taylorseer(interval=6) computes as
 # many steps (11 of 50) as the diffusers TaylorSeerCache peer; the fbcache threshold matches the
@@ -39,28 +39,8 @@ DEFAULT_POLICIES = (
 
 
 def parse_policies(spec: str) -> list[tuple[str, dict]]:
-    """``"a,b(k=v,k2=v2)"`` → [("a", {}), ("b", {"k": v, "k2": v2})]; values are Python literals."""
-    out = []
-    for m in re.finditer(r"\s*([A-Za-z0-9_\-]+)\s*(?:\(([^)]*)\))?\s*(?:,|$)", spec):
-        if not m.group(1):
-            continue
-        opts: dict[str, Any] = {}
-        for part in filter(None, (p.strip() for p in (m.group(2) or "").split(","))):
-            if "=" not in part:
-                raise ValueError(f"bad option {part!r} in {spec!r}: write name(key=value,...)")
-            k, v = part.split("=", 1)
-            try:
-                opts[k.strip()] = ast.literal_eval(v.strip())
-            except (ValueError, SyntaxError):
-                opts[k.strip()] = v.strip()
-        out.append((m.group(1), opts))
-    if not out:
-        raise ValueError(f"no policies in {spec!r}")
-    known = dcache.policies("image")
-    for name, _ in out:
-        if name.replace("_", "-") not in known:
-            raise ValueError(f"unknown policy {name!r}; accepted: {', '.join(known)}")
-    return out
+    """``"a,b(k=v,k2=v2)"`` → [("a", {}), ("b", {"k": v, "k2": v2})]; image policies only."""
+    return policy_spec.parse_policies(spec, task="image")
 
 
 @dataclass

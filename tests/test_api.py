@@ -93,3 +93,16 @@ def test_accelerate_twice_replaces_policy(tiny_pipes):
     assert pipe.dcache.stats() == {} and "fbcache" in repr(pipe.dcache)
     dcache.disable(pipe)
     assert type(pipe).__mro__[1].__name__ != "FluxPipeline"  # class swap fully undone
+
+
+def test_stats_timeline_records_each_call_and_site(tiny_pipes):
+    pipe, kw, attr, _ = tiny_pipes("flux")
+    with dcache.accelerated(pipe, "static", interval=3, warmup_steps=1, compute_last=False):
+        pipe(generator=torch.Generator().manual_seed(0), num_inference_steps=7, **kw)
+        stats = pipe.dcache.stats()
+    timeline = stats["timeline"]
+    assert [e["step"] for e in timeline] == list(range(stats["steps"])) == list(range(7))
+    # Interval 3 computes steps 0, 3, 6 (step 0 is also the warm-up) and reuses the rest.
+    kinds = [set(e["sites"].values()) for e in timeline]
+    assert [k == {"computed"} for k in kinds] == [i % 3 == 0 for i in range(7)]
+    assert sum(len(e["sites"]) for e in timeline) == stats["computed"] + stats["reused"]
