@@ -26,6 +26,8 @@ class StepContext:
     block_step: int                     # step index inside the current block
     decode_next: torch.Tensor | None    # (B, L) bool: positions this step will commit, when known
     decoded_prev: torch.Tensor          # (B, L) bool: positions committed at the previous step
+    candidates: torch.Tensor | None = None  # (B, L) bool: masked positions this step may commit
+                                            # (the block's, or the sliding window's)
 
     @property
     def masked(self) -> torch.Tensor:
@@ -38,4 +40,4 @@ class Plan:
     active: torch.Tensor | None = None      # (B, L) bool: positions recomputed this step
     keys: torch.Tensor | None = None        # (B, L) bool: cached slots used as keys
     store: bool = True                      # on a full forward, write the cache
-    from_layer: int = 0                     # elastic: layers below reuse cached K/V for all tokens
+    attn_mask: torch.Tensor | None = None   # (B, L, L) bool on full forwards: allowed query→key pairs

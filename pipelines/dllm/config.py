@@ -48,6 +48,17 @@ class _ConfigIO:
         with open(path) as f:
             return cls.from_dict(json.load(f))
 
+    # official config keys whose non-default values change the logits and that the classes do not
+    # implement: key -> (accepted values, what the class does instead)
+    _UNSUPPORTED: ClassVar[dict[str, tuple[tuple, str]]] = {}
+
+    def _check_unsupported(self) -> None:
+        for key, (ok, what) in self._UNSUPPORTED.items():
+            if key in self.extra and self.extra[key] not in ok:
+                accepted = " or ".join(repr(v) for v in ok)
+                raise ValueError(f"{type(self).__name__}: {key}={self.extra[key]!r} is not implemented "
+                                 f"(accepted: {accepted}; this class {what})")
+
     def _check_positive(self, **vals: int) -> None:
         for k, v in vals.items():
             if not isinstance(v, int) or v <= 0:
@@ -65,6 +76,20 @@ class LLaDAConfig(_ConfigIO):
 
     model_type: ClassVar[str] = "llada"
     architectures: ClassVar[list[str]] = ["LLaDAModelLM"]
+    _UNSUPPORTED: ClassVar[dict[str, tuple[tuple, str]]] = {
+        "scale_logits": ((False, None), "does not scale the logits"),
+        "input_emb_norm": ((False, None), "does not normalise the input embeddings"),
+        "layer_norm_type": (("rms", None), "uses RMSNorm"),
+        "activation_type": (("silu", None), "computes silu(ff_proj(x)) * up_proj(x)"),
+        "block_type": (("llama", None), "builds the 'llama' block"),
+        "alibi": ((False, None), "uses no ALiBi bias"),
+        "rope": ((True, None), "always applies RoPE"),
+        "clip_qkv": ((None,), "does not clip q/k/v"),
+        "attention_layer_norm": ((False, None), "has no q/k layer norm"),
+        "layer_norm_with_affine": ((True, None), "keeps an affine weight in every norm"),
+        "bias_for_layer_norm": ((False, None), "has no norm biases"),
+        "multi_query_attention": ((False, None), "takes the key/value head count from n_kv_heads"),
+    }
 
     d_model: int = 32
     n_heads: int = 4
@@ -97,6 +122,7 @@ class LLaDAConfig(_ConfigIO):
                              f"n_heads by n_kv_heads ({self.n_kv_heads})")
         if self.include_bias:
             raise ValueError("include_bias=True is not supported (no LLaDA checkpoint uses it)")
+        self._check_unsupported()
 
     # common names used by the shared model code
     hidden_size = property(lambda s: s.d_model)
@@ -120,6 +146,10 @@ class DreamConfig(_ConfigIO):
 
     model_type: ClassVar[str] = "Dream"
     architectures: ClassVar[list[str]] = ["DreamModel"]
+    _UNSUPPORTED: ClassVar[dict[str, tuple[tuple, str]]] = {
+        "rope_scaling": ((None,), "applies plain RoPE with rope_theta"),
+        "use_sliding_window": ((False, None), "attends over the whole canvas"),
+    }
 
     hidden_size: int = 32
     intermediate_size: int = 64
@@ -149,6 +179,7 @@ class DreamConfig(_ConfigIO):
             raise ValueError("hidden_size must divide by num_attention_heads and that by num_key_value_heads")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act must be 'silu', got {self.hidden_act!r}")
+        self._check_unsupported()
 
     head_dim = property(lambda s: s.hidden_size // s.num_attention_heads)
     embedding_size = property(lambda s: s.vocab_size)

@@ -118,9 +118,16 @@ def _counts_even(n_mask: torch.Tensor, steps: int) -> torch.Tensor:
 def _run(model: Any, prompts: Any, attention_mask: torch.Tensor | None, gen_length: int, block_length: int,
          steps: int, family: str, sample: Callable, count_rule: Callable, remasking: str,
          threshold: float | None, policy: Any, callback: Callable | None,
-         generator: torch.Generator | None) -> GenerationOutput:
-    if gen_length <= 0 or block_length <= 0 or steps <= 0:
-        raise ValueError(f"gen_length, block_length and steps must be positive, got {gen_length}, {block_length}, {steps}")
+         generator: torch.Generator | None, window_length: int | None = None) -> GenerationOutput:
+    for name, val in (("gen_length", gen_length), ("block_length", block_length), ("steps", steps)):
+        if not isinstance(val, int) or val <= 0:
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    if window_length is not None:
+        if not isinstance(window_length, int) or window_length <= 0:
+            raise ValueError(f"window_length must be None or a positive int, got {window_length!r}")
+        if block_length != gen_length:
+            raise ValueError(f"a sliding window (window_length={window_length}) replaces blocks: pass "
+                             f"block_length=gen_length ({gen_length}), got {block_length}")
     if gen_length % block_length:
         raise ValueError(f"gen_length ({gen_length}) must be a multiple of block_length ({block_length})")
     n_blocks = gen_length // block_length
@@ -133,6 +140,10 @@ def _run(model: Any, prompts: Any, attention_mask: torch.Tensor | None, gen_leng
     ids, pam = pad_prompts(prompts, cfg.pad_token_id, attention_mask, dev)
     B, P = ids.shape
     L = P + gen_length
+    max_len = getattr(cfg, "max_sequence_length", None) or getattr(cfg, "max_position_embeddings", None)
+    if max_len is not None and L > max_len:
+        raise ValueError(f"prompt ({P}) + gen_length ({gen_length}) = {L} tokens exceeds the model's context "
+                         f"of {max_len}")
     x = torch.cat([ids, torch.full((B, gen_length), mask_id, dtype=torch.long, device=dev)], 1)
     am = torch.cat([pam, torch.ones(B, gen_length, dtype=torch.bool, device=dev)], 1)
     pos = position_ids_from_mask(am)
@@ -160,6 +171,9 @@ def _run(model: Any, prompts: Any, attention_mask: torch.Tensor | None, gen_leng
                     masked = (x == mask_id) & in_block
                     if not bool(masked.any()):
                         break
+                    if window_length is not None:
+                        # Elastic-Cache's sliding window: only the first window_length masked slots
+                        masked = masked & (masked.cumsum(1) <= window_length)
                     if threshold is None and i >= spb:
                         break
                     # how many to commit this step (fixed-count rules)
@@ -172,7 +186,7 @@ def _run(model: Any, prompts: Any, attention_mask: torch.Tensor | None, gen_leng
                         decode_next = _topk_mask(torch.where(masked, prio, torch.full_like(prio, -1.0)), k, masked)
                     ctx = StepContext(x=x, mask_id=mask_id, prompt_len=P, attention_mask=am, block=(s, e),
                                       step=total_steps, block_step=i, decode_next=decode_next,
-                                      decoded_prev=decoded_prev)
+                                      decoded_prev=decoded_prev, candidates=masked)
                     logits, idx = fwd(ctx, masked, pos)
                     if mask_id < logits.shape[-1]:
                         logits[..., mask_id] = float("-inf")  # committing MASK would never finish
@@ -221,10 +235,12 @@ def llada_generate(
     model: Any, input_ids: Any, attention_mask: torch.Tensor | None = None, *, gen_length: int = 128,
     block_length: int = 32, steps: int = 128, temperature: float = 0.0, remasking: str = "low_confidence",
     threshold: float | None = None, policy: Any = None, callback: Callable | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, window_length: int | None = None,
 ) -> GenerationOutput:
     """LLaDA's semi-autoregressive sampler. ``input_ids``: (B, P) tensor (+ ``attention_mask`` for left
     padding) or a list of token lists of any lengths. ``callback(step, tokens, committed)`` streams.
+    ``window_length``: commit only among the first that many masked positions (Elastic-Cache's
+    sliding window; needs ``block_length == gen_length``).
 
     Example::
 
@@ -241,7 +257,7 @@ def llada_generate(
         return x0, conf
 
     return _run(model, input_ids, attention_mask, gen_length, block_length, steps, "llada", sample, None,
-                remasking, threshold, policy, callback, generator)
+                remasking, threshold, policy, callback, generator, window_length)
 
 
 class _DreamCounts:
@@ -265,9 +281,13 @@ def dream_generate(
     steps: int = 128, block_length: int | None = None, temperature: float = 0.0, top_p: float | None = None,
     top_k: int | None = None, alg: str = "maskgit_plus", eps: float = 1e-3, threshold: float | None = None,
     policy: Any = None, callback: Callable | None = None, generator: torch.Generator | None = None,
+    window_length: int | None = None,
 ) -> GenerationOutput:
     """Dream's sampler (``diffusion_generate``). ``block_length=None`` denoises the whole canvas at
     once as Dream does; a block length gives semi-AR blocks (needed by the prefix/dual caches).
+    Defaults follow Dream's official ``generation_config.json`` (temperature 0, top_p and top_k
+    None, eps 1e-3), except ``alg``: the official default ``origin`` unmasks in random order;
+    ``maskgit_plus`` (confidence order) is deterministic and is what the caches are tested with.
 
     Example::
 
@@ -286,4 +306,5 @@ def dream_generate(
         return _dream_sample(logits, temperature, top_p, top_k, alg, generator)
 
     return _run(model, input_ids, attention_mask, max_new_tokens, block_length, steps, "dream", sample, counts,
-                "origin" if alg == "origin" else "confidence", threshold, policy, callback, generator)
+                "origin" if alg == "origin" else "confidence", threshold, policy, callback, generator,
+                window_length)

@@ -58,7 +58,9 @@ class KVCache:
         self.rope: tuple | None = None
         self.length = 0
         self.keep_hidden = keep_hidden  # also keep every layer's input (elastic recomputes from a depth)
-        self.probe: Any = None  # object with widen(...) and attention(...), set by drift-based policies
+        # drift-based policies (elastic) set an object with widen(layer) -> bool and
+        # before_attention / after_attention(layer, active, q_rotated, keys_rotated, mask)
+        self.probe: Any = None
 
     def reset(self) -> None:
         self.k, self.v, self.kr, self.h, self.rope, self.length = [], [], [], [], None, 0
@@ -183,12 +185,15 @@ class _DLLMBase(nn.Module):
         active: torch.Tensor | None = None,
         cache: KVCache | None = None,
         key_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> DLLMOutput:
         """Logits for every position, or for ``active`` positions only when ``active`` is given.
 
         ``attention_mask`` (B, L): 1 for real tokens, 0 for padding (keys only; padded queries
         still produce logits, which callers ignore). ``active`` needs a filled ``cache`` and a
         ``key_mask`` (B, L) of cached slots usable as keys; the active slots are added to it.
+        ``attn_mask`` (B, L, L) bool, full forwards only: which keys each query may attend to
+        (ablations that cut attention); combined with ``attention_mask``.
         """
         B, L = input_ids.shape
         cfg = self.config
@@ -209,8 +214,14 @@ class _DLLMBase(nn.Module):
             mask = None
             if attention_mask is not None and not bool(attention_mask.all()):
                 mask = attention_mask.bool()[:, None, None, :]
+            if attn_mask is not None:
+                if attn_mask.shape != (B, L, L):
+                    raise ValueError(f"attn_mask must have shape {(B, L, L)}, got {tuple(attn_mask.shape)}")
+                mask = attn_mask.bool()[:, None] if mask is None else (mask & attn_mask.bool()[:, None])
             Lq = L
         else:
+            if attn_mask is not None:
+                raise ValueError("attn_mask applies to full forwards only")
             if cache is None or not cache.filled or cache.length != L:
                 raise ValueError("an active-token forward needs a KVCache filled by a full forward on this canvas")
             if key_mask is None:
@@ -232,7 +243,7 @@ class _DLLMBase(nn.Module):
             scatter_idx = active[:, None, :, None]
 
         keep_h = cache is not None and cache.keep_hidden
-        probe = cache.probe if (cache is not None and active is not None) else None
+        probe = cache.probe if cache is not None else None
         out_idx = None  # set when an active forward widens to every token (elastic refresh)
         for li, p in enumerate(parts):
             if keep_h:
@@ -242,11 +253,7 @@ class _DLLMBase(nn.Module):
                     cache.h[li][:, :L] = h
                 else:
                     cache.h[li].scatter_(1, active[:, :, None].expand(B, Lq, h.shape[-1]), h)
-            x = p.norm1(h)
-            q = p.q(x).view(B, Lq, nh, hd).transpose(1, 2)
-            k = p.k(x).view(B, Lq, nkv, hd).transpose(1, 2)
-            v = p.v(x).view(B, Lq, nkv, hd).transpose(1, 2)
-            if active is not None and probe is not None and probe.widen(li, active, k, v, cache.k[li], cache.v[li]):
+            if active is not None and probe is not None and probe.widen(li):
                 # recompute every token from this layer on, from the cached layer inputs
                 if not keep_h:
                     raise ValueError("widening an active forward needs a KVCache with keep_hidden=True")
@@ -254,10 +261,13 @@ class _DLLMBase(nn.Module):
                 h = cache.h[li][:, :L].clone()
                 active, Lq, qcos, qsin = None, L, cos, sin
                 mask = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None
-                x = p.norm1(h)
-                q = p.q(x).view(B, Lq, nh, hd).transpose(1, 2)
-                k = p.k(x).view(B, Lq, nkv, hd).transpose(1, 2)
-                v = p.v(x).view(B, Lq, nkv, hd).transpose(1, 2)
+            x = p.norm1(h)
+            q = p.q(x).view(B, Lq, nh, hd).transpose(1, 2)
+            k = p.k(x).view(B, Lq, nkv, hd).transpose(1, 2)
+            v = p.v(x).view(B, Lq, nkv, hd).transpose(1, 2)
+            qq = _rotate(q, qcos, qsin)
+            if probe is not None and cache.filled and li < len(cache.kr):
+                probe.before_attention(li, active, qq, cache.kr[li][:, :, :L], mask)
             if active is None:
                 if cache is not None:
                     if li == 0:
@@ -275,9 +285,8 @@ class _DLLMBase(nn.Module):
                 cache.kr[li].scatter_(2, idx, _rotate(k, qcos, qsin))
                 kk = cache.kr[li][:, :, :L]
                 vv = cache.v[li][:, :, :L]
-            qq = _rotate(q, qcos, qsin)
-            if probe is not None and active is not None:
-                probe.attention(li, active, qq, kk, mask)
+            if probe is not None:
+                probe.after_attention(li, active, qq, kk, mask)
             a = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, enable_gqa=nkv != nh)
             h = h + p.o(a.transpose(1, 2).reshape(B, Lq, nh * hd))
             x = p.norm2(h)

@@ -82,7 +82,8 @@ class CachedForward:
         self.nfe += 1
         plan = self.planner.plan(ctx) if self.planner is not None else Plan(full=True, store=False)
         if plan.full:
-            out = self.model(x, am.long(), position_ids, cache=self.cache if (self.planner and plan.store) else None)
+            out = self.model(x, am.long(), position_ids, cache=self.cache if (self.planner and plan.store) else None,
+                             attn_mask=plan.attn_mask)
             logits = out.logits
             if shift:
                 logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)

@@ -15,7 +15,7 @@ POLICIES = [
     ("prefix-cache", dict(threshold=None)),
     ("dual-cache", dict(threshold=None)),
     ("elastic", dict(gamma=0.9, threshold=None)),
-    ("elastic", dict(gamma=0.5, threshold=0.5, max_interval=4)),
+    ("elastic", dict(gamma=0.5, threshold=0.5, track_num=2)),
 ]
 
 

@@ -121,10 +121,13 @@ class _WidenAt:
     def __init__(self, layer):
         self.layer = layer
 
-    def widen(self, layer, *a):
+    def widen(self, layer):
         return layer == self.layer
 
-    def attention(self, *a):
+    def before_attention(self, *a):
+        pass
+
+    def after_attention(self, *a):
         pass
 
 

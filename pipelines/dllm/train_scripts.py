@@ -1,0 +1,168 @@
+"""Train the reference masked diffusion LMs (LLaDA or Dream architecture) on the "scripts" task.
+
+Objective: LLaDA's SFT loss. The prompt is never masked; each answer token is masked with
+probability t ~ U(eps, 1); cross-entropy on masked tokens is divided by t and averaged over the
+answer tokens (LLaDA GUIDELINES.md, eps = 1e-3). For Dream the logit at slot i predicts token
+i+1 (the AR shift Dream keeps), so the loss reads the logits one slot to the left.
+
+Generation lengths are drawn per batch (24-128, 256, 512, 1024) with about the same number of
+tokens per batch, so the copy-from-16-back rule is seen at the distances the bench uses.
+The best checkpoint by held-out accuracy is written to ``--out`` after every evaluation, with
+``training.json`` (config, args, history), so a stopped run leaves usable weights.
+
+Run (one CPU thread; the shipped models' commands are in their ``training.json``)::
+
+    python -m dcache.pipelines.dllm.train_scripts --family llada --out pipelines/zoo/dllm_scripts \
+        --minutes 30 > train.log 2>&1 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from dcache.pipelines.dllm import scripts_task as task
+from dcache.pipelines.dllm.config import DreamConfig, LLaDAConfig
+from dcache.pipelines.dllm.generate import dream_generate, llada_generate
+from dcache.pipelines.dllm.modeling import DreamModel, LLaDAModelLM
+
+LLADA_CONFIG = dict(d_model=64, n_heads=4, n_layers=3, mlp_hidden_size=192, vocab_size=task.VOCAB,
+                    max_sequence_length=2048, rope_theta=10000.0, mask_token_id=task.MASK,
+                    eos_token_id=task.EOS, pad_token_id=task.PAD)
+DREAM_CONFIG = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3,
+                    intermediate_size=192, vocab_size=task.VOCAB, max_position_embeddings=2048,
+                    rope_theta=10000.0, mask_token_id=task.MASK, eos_token_id=task.EOS,
+                    pad_token_id=task.PAD, bos_token_id=task.BOS)
+LENGTHS = ((0.45, None), (0.25, 256), (0.2, 512), (0.1, 1024))  # None: uniform in [24, 128]
+
+
+def build(family: str):
+    if family == "llada":
+        return LLaDAModelLM(LLaDAConfig(**LLADA_CONFIG)), LLADA_CONFIG
+    return DreamModel(DreamConfig(**DREAM_CONFIG)), DREAM_CONFIG
+
+
+def batch(tokens: int, g: torch.Generator, max_gen: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    r, acc, gen = torch.rand((), generator=g).item(), 0.0, None
+    for p, L in LENGTHS:
+        acc += p
+        if r < acc:
+            gen = L
+            break
+    if gen is None or gen > max_gen:
+        gen = int(torch.randint(24, 129, (), generator=g))
+    bs = max(2, tokens // (gen + task.PROMPT_MAX))
+    prompts, pmask, ans = task.make_problems(bs, gen_length=gen, generator=g)
+    x = torch.cat([prompts, ans], 1)
+    am = torch.cat([pmask, torch.ones_like(ans, dtype=torch.bool)], 1)
+    return x, am, prompts.shape[1]
+
+
+def loss_fn(model, x: torch.Tensor, am: torch.Tensor, plen: int, g: torch.Generator) -> torch.Tensor:
+    B, L = x.shape
+    eps = 1e-3
+    t = torch.rand(B, 1, generator=g) * (1 - eps) + eps
+    masked = torch.rand(B, L, generator=g) < t
+    masked[:, :plen] = False
+    noisy = torch.where(masked, torch.full_like(x, task.MASK), x)
+    logits = model(noisy, am.long()).logits
+    if model.logits_shift:
+        logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)  # slot i-1 predicts token i
+    ce = F.cross_entropy(logits[masked], x[masked], reduction="none")
+    return (ce / t.expand(B, L)[masked]).sum() / (B * (L - plen))
+
+
+@torch.no_grad()
+def evaluate(model, count: int, gen_length: int, seed: int = 12345) -> float:
+    model.eval()
+    prompts, pmask, _ = task.make_problems(count, gen_length=gen_length, seed=seed)
+    fn = llada_generate if model.logits_shift == 0 else dream_generate
+    kw = dict(gen_length=gen_length) if model.logits_shift == 0 else dict(max_new_tokens=gen_length)
+    out = fn(model, prompts, pmask, block_length=32, steps=gen_length, **kw)
+    model.train()
+    return task.accuracy(out.sequences, prompts, pmask)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", choices=("llada", "dream"), default="llada")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--minutes", type=float, default=30.0)
+    ap.add_argument("--tokens", type=int, default=3072, help="tokens per batch")
+    ap.add_argument("--max-gen", type=int, default=1024, help="longest training generation length")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--init", default=None, help="continue from the weights in this directory")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    model, cfg = build(args.family)
+    previous: list = []
+    if args.init:
+        model = type(model).from_pretrained(args.init)
+        model.train()
+        prev = os.path.join(args.init, "training.json")
+        if os.path.isfile(prev):
+            with open(prev) as f:
+                old = json.load(f)
+            previous = old.get("previous_runs", []) + [{k: old[k] for k in ("args", "history") if k in old}]
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{args.family} params {n_params / 1e6:.3f} M", flush=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    budget = args.minutes * 60
+    t0 = time.time()
+    step, ema, best = 0, None, -1.0
+    history: list[dict] = []
+    os.makedirs(args.out, exist_ok=True)
+
+    def record(acc64: float, acc256: float | None) -> None:
+        nonlocal best
+        el = time.time() - t0
+        history.append({"step": step, "minutes": round(el / 60, 2), "loss": round(ema, 4), "acc_gen64": acc64,
+                        "acc_gen256": acc256})
+        print(f"eval step {step} t {el / 60:.1f}m acc gen64 {acc64:.3f} gen256 {acc256}", flush=True)
+        score = acc64 if acc256 is None else min(acc64, acc256)
+        saved = score >= best
+        if saved:
+            best = score
+            model.save_pretrained(args.out)
+            history[-1]["saved"] = True
+        with open(os.path.join(args.out, "training.json"), "w") as f:
+            json.dump({"family": args.family, "config": cfg, "args": vars(args), "params": n_params,
+                       "objective": "LLaDA SFT masked-diffusion loss (prompt never masked)",
+                       "eval": "held-out problems, block 32, one token per step, low-confidence / maskgit_plus",
+                       "history": history, "previous_runs": previous}, f, indent=1)
+
+    while time.time() - t0 < budget:
+        frac = (time.time() - t0) / budget
+        lr = args.lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for pg in opt.param_groups:
+            pg["lr"] = lr
+        x, am, plen = batch(args.tokens, g, args.max_gen)
+        loss = loss_fn(model, x, am, plen, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % 25 == 0:
+            print(f"step {step} t {(time.time() - t0) / 60:.1f}m loss {ema:.4f} lr {lr:.2e} L {x.shape[1]}", flush=True)
+        if step % args.eval_every == 0:
+            long_eval = step % (3 * args.eval_every) == 0
+            record(evaluate(model, 24, 64), evaluate(model, 8, 256) if long_eval else None)
+    record(evaluate(model, 32, 64), evaluate(model, 16, 256))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
