@@ -78,6 +78,47 @@ def loss_fn(model, x: torch.Tensor, am: torch.Tensor, plen: int, g: torch.Genera
     return (ce / t.expand(B, L)[masked]).sum() / (B * (L - plen))
 
 
+def stale_cache_loss_fn(model, x: torch.Tensor, am: torch.Tensor, plen: int, g: torch.Generator,
+                        block: int = 32) -> torch.Tensor:
+    """Loss of a semi-autoregressive step that reads every position outside the current block from a
+    cache filled when the block was still all MASK (what prefix/dual caches do at inference).
+
+    Pass A: a full forward on the canvas with the block and everything after it masked (its loss is
+    the ordinary one on those masked tokens); its K/V fill a cache. Pass B: only the block's tokens
+    run, partly unmasked (p ~ U(eps, 1)), attending to their fresh K/V and to the stale K/V of
+    everything else. Without it the model may pass information through the prompt's K/V (they see
+    decoded answer tokens), which no block cache refreshes within a block.
+    """
+    from dcache.pipelines.dllm.modeling import KVCache
+
+    B, L = x.shape
+    eps = 1e-3
+    n_blocks = max(1, (L - plen) // block)
+    s = plen + int(torch.randint(0, n_blocks, (), generator=g)) * block
+    e = min(s + block, L)
+    later = torch.zeros(B, L, dtype=torch.bool)
+    later[:, s:] = True
+    t = torch.rand(B, 1, generator=g) * (1 - eps) + eps
+    in_block = torch.zeros_like(later)
+    in_block[:, s:e] = True
+    masked_b = ((torch.rand(B, L, generator=g) < t) & in_block) | (later & ~in_block)
+    x_a = torch.where(later, torch.full_like(x, task.MASK), x)
+    x_b = torch.where(masked_b, torch.full_like(x, task.MASK), x)
+    cache = KVCache()
+    shift = model.logits_shift
+    logits_a = model(x_a, am.long(), cache=cache).logits
+    if shift:
+        logits_a = torch.cat([logits_a[:, :1], logits_a[:, :-1]], 1)
+    loss_a = F.cross_entropy(logits_a[later], x[later])
+    # Dream: slot i-1 predicts token i, so the block's logits come from the slots one to the left
+    active = torch.arange(s - shift, e - shift).expand(B, e - s)
+    logits_b = model(x_b, am.long(), active=active, cache=cache, key_mask=am.clone()).logits
+    m = masked_b[:, s:e]
+    ce = F.cross_entropy(logits_b[m], x[:, s:e][m], reduction="none")
+    loss_b = (ce / t.expand(B, e - s)[m]).sum() / (B * (e - s))
+    return loss_a + loss_b
+
+
 @torch.no_grad()
 def evaluate(model, count: int, gen_length: int, seed: int = 12345) -> float:
     model.eval()
@@ -101,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--init", default=None, help="continue from the weights in this directory")
+    ap.add_argument("--stale-frac", type=float, default=0.0,
+                    help="share of steps trained as a block step over a stale cache (stale_cache_loss_fn)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -148,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         for pg in opt.param_groups:
             pg["lr"] = lr
         x, am, plen = batch(args.tokens, g, args.max_gen)
-        loss = loss_fn(model, x, am, plen, g)
+        if torch.rand((), generator=g).item() < args.stale_frac:
+            loss = stale_cache_loss_fn(model, x, am, plen, g)
+        else:
+            loss = loss_fn(model, x, am, plen, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
