@@ -22,7 +22,7 @@ What is compared with what:
 * Ablations (``--ablations``: one-shot, no-answer-attention, frozen-cache) run under the
   one-token schedule and must lose accuracy; they show the accuracy measure can move.
 
-Timing: ``--repeats`` interleaved rounds (every row once per round, in turn), median seconds per
+Timing: ``--repeats`` interleaved rounds (every row but the ablations once per round, in turn), median seconds per
 round and spread (max-min over median) reported; torch threads as ``--threads`` (1 by default).
 Accuracy is measured once per (length, schedule, row) on ``--problems`` problems in batches of
 ``--accuracy-batch`` (greedy decoding: the batch does not change the tokens), timing on one batch of
@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         for bs in args.batch_sizes:
             if bs > args.problems:
                 raise SystemExit(f"dcache bench --task dllm: batch {bs} exceeds --problems {args.problems}")
-            timed = [ri for ri, r in enumerate(rows) if f"{gen_len}:B{bs}:{r.label}" not in skip]
+            # ablations are there to lose accuracy, not to be timed
+            timed = [ri for ri, r in enumerate(rows) if r.kind != "ablation" and f"{gen_len}:B{bs}:{r.label}" not in skip]
             times: dict[int, list[float]] = {ri: [] for ri in timed}
             work: dict[int, tuple[int, float | None]] = {}  # nfe and token fraction of the timed batch
             p, m = prompts[:bs], mask[:bs]
@@ -310,8 +311,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _summarise(rows: list[Row], acc, times, work, gen_len: int, bs: int, args) -> list[dict[str, Any]]:
     med = {ri: statistics.median(t) for ri, t in times.items() if t}
-    fixed_ri = next((ri for ri, r in enumerate(rows) if r.kind == "vanilla" and r.schedule == Schedule(args.block_length)), None)
     out = []
+    for ri, row in enumerate(rows):  # untimed rows (ablations) still report their accuracy
+        if ri not in med and row.kind == "ablation":
+            out.append({"gen_length": gen_len, "batch": bs, "schedule": row.schedule.name, "row": row.label,
+                        "kind": row.kind, **acc[ri]})
+    fixed_ri = next((ri for ri, r in enumerate(rows) if r.kind == "vanilla" and r.schedule == Schedule(args.block_length)), None)
     for ri, row in enumerate(rows):
         if ri not in med:
             continue

@@ -35,12 +35,12 @@ def dream_ref():
     return _load("dream")
 
 
-def _gen(model, prompts, mask, L, policy=None, threshold=None, **opts):
+def _gen(model, prompts, mask, L, policy=None, **opts):
     kw = dict(gen_length=L) if model.logits_shift == 0 else dict(max_new_tokens=L)
     if policy is not None:
         dcache.accelerate(model, policy=policy, **opts)
     try:
-        out = model.generate(prompts, attention_mask=mask, block_length=32, steps=L, threshold=threshold, **kw)
+        out = model.generate(prompts, attention_mask=mask, block_length=32, steps=L, **kw)
         st = model.dcache.stats() if policy is not None else None
     finally:
         if policy is not None:
