@@ -41,3 +41,4 @@ class Plan:
     keys: torch.Tensor | None = None        # (B, L) bool: cached slots used as keys
     store: bool = True                      # on a full forward, write the cache
     attn_mask: torch.Tensor | None = None   # (B, L, L) bool on full forwards: allowed query→key pairs
+    canvas: torch.Tensor | None = None      # (B, L) tokens fed to the model instead of ctx.x (ablations)

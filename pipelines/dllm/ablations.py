@@ -8,8 +8,8 @@ sampler, or use :func:`run_ablation`.
 * ``no-answer-attention``: every step is a full forward in which answer queries may not attend
   to other answer positions (only to the prompt and to themselves).
 * ``frozen-cache``: the K/V of every position are cached by the first forward and never refreshed;
-  each later step recomputes only the masked tokens it may commit, so a decoded token is never
-  seen again with its decoded identity.
+  each later step recomputes only the masked tokens it may commit (for Dream also the slot before
+  each, whose logit predicts it) from the first step's canvas, so no decoded token is ever seen.
 
 Example::
 
@@ -67,18 +67,20 @@ class FrozenCache:
 
 class _FrozenCachePlanner:
     def __init__(self) -> None:
-        self.started = False
+        self.reset()
 
     def reset(self) -> None:
-        self.started = False
+        self.first: torch.Tensor | None = None
 
     def plan(self, ctx: StepContext) -> Plan:
-        if not self.started:
+        if self.first is None:
+            self.first = ctx.x.clone()
             return Plan(full=True)
-        return Plan(full=False, active=ctx.candidates.clone(), keys=ctx.attention_mask.clone())
+        # the first step's canvas: a recomputed slot that was decoded since still reads MASK
+        return Plan(full=False, active=ctx.candidates.clone(), keys=ctx.attention_mask.clone(), canvas=self.first)
 
     def observe(self, ctx: StepContext, plan: Plan) -> None:
-        self.started = True
+        pass
 
 
 def run_ablation(name: str, model: Any, prompts: Any, attention_mask: torch.Tensor | None = None, *,

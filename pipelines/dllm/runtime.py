@@ -81,6 +81,8 @@ class CachedForward:
         shift = self.model.logits_shift
         self.nfe += 1
         plan = self.planner.plan(ctx) if self.planner is not None else Plan(full=True, store=False)
+        if plan.canvas is not None:
+            x = plan.canvas
         if plan.full:
             out = self.model(x, am.long(), position_ids, cache=self.cache if (self.planner and plan.store) else None,
                              attn_mask=plan.attn_mask)
