@@ -94,3 +94,7 @@ def test_issue_targets_need_speed_and_accuracy():
     assert got == {"dual-cache own speedup": True, "dual-cache + threshold 0.9 total": False}  # lost 2 points
     rows[1]["cache_speedup"] = 1.9
     assert not bench_dllm.issue_targets(rows)[0]["pass"]
+    rows[1]["cache_speedup"] = 9.0
+    for r in rows:
+        r["accuracy"] = 0.0  # a model that fails the task cannot pass a target at "equal accuracy"
+    assert not any(t["pass"] for t in bench_dllm.issue_targets(rows))
