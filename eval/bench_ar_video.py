@@ -78,7 +78,7 @@ def _parse(argv):
                          "or 'self-forcing-random' (Wan 1.3B shapes, random weights)")
     ap.add_argument("--policies", default=None,
                     help="comma list of name or name(key=value,...); kv-full is always run first. Default: the equal-memory "
-                         f"comparison {DEFAULT_POLICIES!r} ({LEGACY_POLICIES!r} for models other than 'occlusion')")
+                         f"comparison {DEFAULT_POLICIES!r} on occlusion-world models ({LEGACY_POLICIES!r} on others)")
     ap.add_argument("--num-frames", type=int, default=48)
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
@@ -177,6 +177,12 @@ def _peak_memory(pipe, call):
     return peak
 
 
+def _occlusion_model(model: str) -> bool:
+    from dcache.pipelines.ar_video import occlusion
+
+    return model == "occlusion" or (os.path.isdir(model) and occlusion.model_world(model) == "occlusion")
+
+
 def _rows_spec(a, default: str) -> list[tuple[str, dict, str]]:
     """(policy name, options, label) per row; kv-full first, exactly once."""
     from dcache.eval.policy_spec import format_policy, parse_policies
@@ -213,7 +219,7 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if a.device == "cuda" else torch.float32)
     try:
-        spec = _rows_spec(a, DEFAULT_POLICIES if a.model == "occlusion" else LEGACY_POLICIES)
+        spec = _rows_spec(a, DEFAULT_POLICIES if _occlusion_model(a.model) else LEGACY_POLICIES)
         pipe, samples, kind = _load(a, dtype)
     except ValueError as e:  # one line, before any generation
         print(f"dcache bench --task ar-video: {e}", file=sys.stderr)
