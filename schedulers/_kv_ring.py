@@ -46,7 +46,9 @@ class Region:
     """A contiguous slice ``[start, start + cap)`` of a group's storage, used as a ring of tokens.
 
     ``pos`` records the absolute token index (in the whole video) held by every slot, -1 when empty;
-    it is bookkeeping for tests and for the order of evictions, kept on the CPU.
+    it is bookkeeping for tests and for the order of evictions, kept on the CPU. A region whose
+    content differs per sample (Forcing-KV's selected segments) also has ``pos_b`` (``[B, cap]``);
+    ``pos`` is then sample 0's row.
     """
 
     def __init__(self, name: str, start: int, cap: int):
@@ -54,11 +56,13 @@ class Region:
         self.ptr = 0
         self.valid = 0
         self.pos = torch.full((cap,), -1, dtype=torch.long)
+        self.pos_b: torch.Tensor | None = None
 
     def reset(self) -> None:
         self.ptr = 0
         self.valid = 0
         self.pos.fill_(-1)
+        self.pos_b = None
 
     def chrono_slots(self) -> torch.Tensor:
         """Slot indices (relative to ``start``) of the valid tokens, oldest first."""
@@ -114,10 +118,14 @@ class HeadGroup:
     def valid_tokens(self) -> int:
         return sum(r.valid for r in self.regions.values())
 
-    def positions(self) -> torch.Tensor:
-        """Absolute token positions currently cached, sorted (for tests and stats)."""
-        parts = [r.pos[r.chrono_slots()] for r in self.regions.values()]
+    def positions(self, b: int = 0) -> torch.Tensor:
+        """Absolute token positions sample ``b`` has cached, sorted (for tests and diagnostics)."""
+        parts = [r.pos[r.chrono_slots()] if r.pos_b is None else r.pos_b[b][r.chrono_slots()] for r in self.regions.values()]
         return torch.sort(torch.cat(parts)).values if parts else torch.empty(0, dtype=torch.long)
+
+    @property
+    def per_sample(self) -> bool:
+        return any(r.pos_b is not None for r in self.regions.values())
 
     # -- data movement ------------------------------------------------------------------------
     def put_chunk(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -148,11 +156,16 @@ class HeadGroup:
         return self.k.index_select(2, idx), self.v.index_select(2, idx)
 
     def key_frames(self, frame_start: int) -> torch.Tensor:
-        """Absolute frame index of every key ``kv_for_attention`` returns, in the same order (CPU)."""
+        """Absolute frame index of every key ``kv_for_attention`` returns, in the same order (CPU):
+        ``[Lk]``, or ``[B, Lk]`` when a region's content differs per sample."""
         T, C = self.layout.tokens_per_frame, self.layout.chunk_frames
-        parts = [torch.arange(frame_start, frame_start + C).repeat_interleave(T)]
-        parts += [r.pos[: r.valid] // T for r in self.regions.values()]
-        return torch.cat(parts)
+        chunk = torch.arange(frame_start, frame_start + C).repeat_interleave(T)
+        if not self.per_sample:
+            return torch.cat([chunk] + [r.pos[: r.valid] // T for r in self.regions.values()])
+        B = self.layout.batch_size
+        parts = [chunk.expand(B, -1)]
+        parts += [(r.pos[: r.valid].expand(B, -1) if r.pos_b is None else r.pos_b[:, : r.valid]) // T for r in self.regions.values()]
+        return torch.cat(parts, 1)
 
     def chunk_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[:, :, : self.slot], self.v[:, :, : self.slot]
@@ -182,7 +195,8 @@ class HeadGroup:
         r.valid = min(r.cap, r.valid + n)
 
     def overwrite(self, name: str, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
-        """Replace the whole content of region ``name`` (used for the selected-segment buffer)."""
+        """Replace the whole content of region ``name`` (used for the selected-segment buffer).
+        ``pos``: ``[n]`` (same tokens for every sample) or ``[B, n]`` (each sample its own)."""
         r = self.regions[name]
         n = k.shape[2]
         if n > r.cap:
@@ -190,7 +204,13 @@ class HeadGroup:
         self.k[:, :, r.start : r.start + n] = k
         self.v[:, :, r.start : r.start + n] = v
         r.pos.fill_(-1)
-        r.pos[:n] = pos
+        if pos.dim() == 2:
+            r.pos_b = torch.full((pos.shape[0], r.cap), -1, dtype=torch.long)
+            r.pos_b[:, :n] = pos
+            r.pos[:n] = pos[0]
+        else:
+            r.pos_b = None
+            r.pos[:n] = pos
         r.valid, r.ptr = n, n % max(r.cap, 1)
         self.version += 1
 
@@ -235,8 +255,9 @@ class ARKVCache:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_start: int, commit: bool,
                key_bias=None) -> torch.Tensor:
-        """``key_bias(heads, key_frames) -> [1, Hg, Lq, Lk]`` optionally adds a model-defined bias that
-        depends on the cached keys' absolute frames (heads: the group's head index, None = all)."""
+        """``key_bias(heads, key_frames) -> [1 or B, Hg, Lq, Lk]`` optionally adds a model-defined bias
+        that depends on the cached keys' absolute frames (heads: the group's head index, None = all;
+        key_frames ``[Lk]`` or, when samples cache different tokens, ``[B, Lk]``)."""
         from dcache.kernels.kv_gather import gather_heads, scatter_heads
 
         groups = self.groups[layer]

@@ -125,13 +125,15 @@ class RecencyBias:
 
     def __call__(self, layer: int, heads, q_frames: torch.Tensor, k_frames: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[1, Hg, Lq, Lk] additive bias for query/key token frame indices (4-D: with a 3-D mask
-        torch's CPU SDPA falls back from its flash kernel to the math path, 2-3x slower)."""
+        torch's CPU SDPA falls back from its flash kernel to the math path, 2-3x slower).
+        ``k_frames`` of shape ``[B, Lk]`` (samples caching different tokens) gives ``[B, Hg, Lq, Lk]``."""
         s = self.slopes[layer]
         if heads is not None:
             s = s[heads.cpu() if isinstance(heads, torch.Tensor) else heads]
-        dist = (q_frames[:, None] - k_frames[None, :]).clamp_min(0).to(torch.float32)
-        dist = dist.masked_fill((k_frames < self.sink_frames)[None, :], 0.0)
-        return (-s.to(dist.device)[:, None, None] * dist).to(dtype)[None]
+        kf = k_frames if k_frames.dim() == 2 else k_frames[None]
+        dist = (q_frames[None, :, None] - kf[:, None, :]).clamp_min(0).to(torch.float32)
+        dist = dist.masked_fill((kf < self.sink_frames)[:, None, :], 0.0)
+        return (-s.to(dist.device)[None, :, None, None] * dist[:, None]).to(dtype)
 
 
 def expand_frame_mask(frame_mask: torch.Tensor, tokens_per_frame: int) -> torch.Tensor:

@@ -141,6 +141,7 @@ class ARVideoPipeline:
         self._last_stats: dict = {}
         self.last_timings: dict = {}
         self.trace: list | None = None  # set to [] to record every forward (tests)
+        self.cache_hook: Callable[[Any], Any] | None = None  # wraps each generation's cache (diagnostics)
 
     # -- model surgery (instance only) ------------------------------------------------------------
     def _install(self) -> None:
@@ -250,11 +251,16 @@ class ARVideoPipeline:
 
     @torch.no_grad()
     def __call__(self, prompt_embeds: torch.Tensor | None = None, num_frames: int = 21, height: int | None = None,
-                 width: int | None = None, seed: int = 0, prompt: Any = None, decode: bool = True) -> ARVideoOutput:
+                 width: int | None = None, seed: int = 0, prompt: Any = None, decode: bool = True,
+                 context_frames: torch.Tensor | None = None) -> ARVideoOutput:
         """Generate ``num_frames`` latent frames (a multiple of ``chunk_frames``).
 
         Give ``prompt_embeds`` ([B, L, text_dim]) or ``prompt`` (passed to ``text_encoder``).
         ``height``/``width`` are latent sizes (default: the model's ``sample_size`` in its config).
+        ``context_frames``: optional given latents ``[B, C, K, h, w]`` (K a multiple of
+        ``chunk_frames``, K < num_frames), image-to-video style: their chunks are not generated,
+        only committed (clean pass, as a generated chunk would be) and copied to the output;
+        generation continues after them.
         """
         cfg = self.config
         C = cfg.chunk_frames
@@ -272,10 +278,20 @@ class ARVideoPipeline:
             raise ValueError("give height and width (latent size)")
         B = prompt_embeds.shape[0]
         ch = self.transformer.config.in_channels
+        n_ctx = 0
+        if context_frames is not None:
+            n_ctx = context_frames.shape[2] if context_frames.dim() == 5 else -1
+            if (n_ctx < C or n_ctx % C or n_ctx >= num_frames
+                    or tuple(context_frames.shape) != (B, ch, n_ctx, height, width)):
+                raise ValueError(f"context_frames must be [B={B}, C={ch}, K, {height}, {width}] with K a multiple of "
+                                 f"chunk_frames={C} below num_frames={num_frames}, got {tuple(context_frames.shape)}")
+            context_frames = context_frames.to(self.device, self.dtype)
         gen = torch.Generator(device="cpu").manual_seed(seed)
         sig = sigmas_for(cfg.denoising_steps, cfg.shift)
         ctx_sigma = sigmas_for((cfg.context_noise,), cfg.shift)[0] if cfg.context_noise else 0.0
         cache = self.make_cache(num_frames, height, width, B)
+        if self.cache_hook is not None:
+            cache = self.cache_hook(cache)
         self.ctx.cross_cache.clear()
         self.ctx.cross_cache_on = True
         out = torch.empty(B, ch, num_frames, height, width, dtype=self.dtype, device=self.device)
@@ -287,6 +303,11 @@ class ARVideoPipeline:
         try:
             for fs in range(0, num_frames, C):
                 x = noise()
+                if fs < n_ctx:
+                    x0 = out[:, :, fs : fs + C] = context_frames[:, :, fs : fs + C]
+                    ctx_in = x0 if not ctx_sigma else (1 - ctx_sigma) * x0 + ctx_sigma * noise()
+                    self.forward_chunk(ctx_in, ctx_sigma, fs, prompt_embeds, cache, commit=True)
+                    continue
                 for i, s in enumerate(sig):
                     v = self.forward_chunk(x, s, fs, prompt_embeds, cache, commit=False)
                     if cfg.sampler == "euler":

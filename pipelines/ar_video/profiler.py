@@ -65,8 +65,10 @@ def scores_to_split(scores: torch.Tensor, threshold: float = 0.8, static_fractio
 def profile_heads(pipe, prompt_embeds_list: list[torch.Tensor], num_frames: int, height: int | None = None, width: int | None = None,
                   profile_chunk: int | None = None, sigmas: tuple = (0.0, 0.5), last_k: int | None = None, skip_first: int = 1,
                   threshold: float = 0.8, static_fraction: float | None = None, seed: int = 0,
-                  out_path: str | os.PathLike | None = None) -> tuple[HeadSplit, torch.Tensor]:
-    """Profile ``pipe``'s heads; returns (split, scores [L, H]) and writes the head file if asked."""
+                  out_path: str | os.PathLike | None = None,
+                  context_list: list[torch.Tensor] | None = None) -> tuple[HeadSplit, torch.Tensor]:
+    """Profile ``pipe``'s heads; returns (split, scores [L, H]) and writes the head file if asked.
+    ``context_list``: per prompt, given first frames (``context_frames`` of the pipeline) or None."""
     C = pipe.config.chunk_frames
     height, width = height or pipe.config.height, width or pipe.config.width
     T = pipe.tokens_per_frame(height, width)
@@ -85,7 +87,9 @@ def profile_heads(pipe, prompt_embeds_list: list[torch.Tensor], num_frames: int,
     try:
         for i, emb in enumerate(prompt_embeds_list):
             emb = emb.to(pipe.device, pipe.dtype)
-            video = pipe(emb, num_frames=num_frames, height=height, width=width, seed=seed + i, decode=False).latents[:, :, :nf]
+            given = None if context_list is None else context_list[i]
+            video = pipe(emb, num_frames=num_frames, height=height, width=width, seed=seed + i, decode=False,
+                         context_frames=given).latents[:, :, :nf]
             g = torch.Generator().manual_seed(seed + 1000 + i)
             for s in sigmas:
                 x = video.clone()
@@ -130,11 +134,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=100)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    pipe = load_reference(args.model)
-    embs = [prompt_embeds([p]) for p in sample_prompts(args.prompts, args.seed)]
+    from dcache.pipelines.ar_video import occlusion
+
+    contexts = None
+    if occlusion.model_world(args.model) == "occlusion":  # first chunk given from ground-truth clips (training digits)
+        pipe = occlusion.load_occlusion(args.model)
+        lat, prompts, _ = occlusion.make_batch(args.prompts, args.num_frames, torch.Generator().manual_seed(args.seed))
+        embs = [occlusion.prompt_embeds([p]) for p in prompts]
+        contexts = [lat[i : i + 1, :, : pipe.config.chunk_frames] for i in range(args.prompts)]
+    else:
+        pipe = load_reference(args.model)
+        embs = [prompt_embeds([p]) for p in sample_prompts(args.prompts, args.seed)]
     out = args.out or os.path.join(args.model, "forcingkv_heads.json")
     split, scores = profile_heads(pipe, embs, args.num_frames, threshold=args.threshold, static_fraction=args.static_fraction,
-                                  seed=args.seed, out_path=out)
+                                  seed=args.seed, out_path=out, context_list=contexts)
     for li in range(split.num_layers):
         print(f"layer {li}: scores {[round(float(s), 3) for s in scores[li]]} static {split.static[li]} dynamic {split.dynamic[li]}")
     print(f"static {split.counts()[0]} / dynamic {split.counts()[1]} -> {out}")

@@ -30,7 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from dcache.pipelines.ar_video.pipeline import ARVideoConfig, ARVideoPipeline, sigmas_for
-from dcache.pipelines.ar_video.reference import LATENT, build_transformer, make_batch, prompt_embeds
+from dcache.pipelines.ar_video import occlusion, reference
+from dcache.pipelines.ar_video.reference import LATENT, build_transformer
+
+WORLDS = {"digits": reference, "occlusion": occlusion}
+# frames given (not generated) at the start of every clip, per world: they are context, not targets
+GIVEN_FRAMES = {"digits": 0, "occlusion": occlusion.CONTEXT_FRAMES}
 
 
 def history_window_mask(base: torch.Tensor, num_frames: int, chunk: int, windows: torch.Tensor, sink_frames: int = 1) -> torch.Tensor:
@@ -88,14 +93,14 @@ def teacher_forcing_mask(num_frames: int, chunk: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(pipe: ARVideoPipeline, clips: int = 16, frames: int = 12, seed: int = 999) -> dict:
+def evaluate(pipe: ARVideoPipeline, clips: int = 16, frames: int = 12, seed: int = 999, world: str = "digits") -> dict:
     """Held-out digits, teacher-forced: PSNR (pixels in [0, 1]) of the one-call x0 prediction of every
     chunk after the first, per sampler sigma, against a copy-the-last-frame baseline."""
     cfg = pipe.config
     C = cfg.chunk_frames
     gen = torch.Generator().manual_seed(seed)
-    x0, prompts, px = make_batch(clips, frames, gen, digit_pool="test")
-    emb = prompt_embeds(prompts)
+    x0, prompts, px = WORLDS[world].make_batch(clips, frames, gen, digit_pool="test")
+    emb = WORLDS[world].prompt_embeds(prompts)
     mask = teacher_forcing_mask(frames, C)
     pos = torch.arange(frames)
     res = {}
@@ -118,6 +123,9 @@ def evaluate(pipe: ARVideoPipeline, clips: int = 16, frames: int = 12, seed: int
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
+    ap.add_argument("--world", choices=sorted(WORLDS), default="digits",
+                    help="digits: moving digits (prompt = digit, velocity); occlusion: a still digit behind a moving bar, "
+                         "first chunk given (see dcache.pipelines.ar_video.occlusion)")
     ap.add_argument("--minutes", type=float, default=40.0)
     ap.add_argument("--max-steps", type=int, default=100000)
     ap.add_argument("--batch", type=int, default=8)
@@ -143,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.eval_only:
         from dcache.pipelines.ar_video.reference import load_reference
 
-        print(json.dumps(evaluate(load_reference(args.out)), indent=1))
+        pipe = load_reference(args.out)
+        print(json.dumps(evaluate(pipe, frames=max(12, args.frames), world=args.world), indent=1))
         return 0
     cfg = ARVideoConfig(chunk_frames=3, pixel_shuffle=2, height=LATENT, width=LATENT)
     if args.init:
@@ -163,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     Fr, C = args.frames, cfg.chunk_frames
     mask = teacher_forcing_mask(Fr, C)
     infer_sig = torch.tensor(sigmas_for(cfg.denoising_steps, cfg.shift))
+    world = WORLDS[args.world]
     t_start, step, ema = time.time(), 0, None
     budget = args.minutes * 60
     log = open(os.path.join(args.out, "train_log.txt") if os.path.isdir(args.out) else os.devnull, "a")
@@ -175,9 +185,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             first = int(torch.randint(2, max(3, (args.max_position - Fr + 2 * C) // C), (1,), generator=gen))
         idx = gapped_frames(Fr, C, first)
-        x0, prompts, _ = make_batch(args.batch, int(idx[-1]) + 1, gen)
+        x0, prompts, _ = world.make_batch(args.batch, int(idx[-1]) + 1, gen)
         x0 = x0[:, :, idx].contiguous()
-        emb = prompt_embeds(prompts)
+        emb = world.prompt_embeds(prompts)
         B = x0.shape[0]
         n_chunks = Fr // C
         u = torch.rand(B, n_chunks, generator=gen)
@@ -199,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         v = pipe.forward_dense(inp, frame_sig, emb, frame_positions=torch.cat([pos, pos]), frame_mask=bmask)[:, :, Fr:]
         # after a gap the first chunk has no recent frames to go on: it is context, not a target
         lw = torch.ones(Fr)
+        lw[: GIVEN_FRAMES[args.world]] = 0
         if first > 1:
             lw[C : 2 * C] = 0
 
@@ -228,8 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             model.train()
     model.eval()
     pipe.save_pretrained(args.out)
+    with open(os.path.join(args.out, "world.json"), "w") as f:  # tells the bench how to build its samples
+        json.dump({"world": args.world}, f)
     with open(os.path.join(args.out, "train_meta.json"), "w") as f:
-        json.dump({"steps": step, "batch": args.batch, "frames": args.frames, "max_position": args.max_position,
+        json.dump({"world": args.world, "steps": step, "batch": args.batch, "frames": args.frames, "max_position": args.max_position,
                    "contiguous_prob": args.contiguous_prob, "window_prob": args.window_prob, "max_window": args.max_window,
                    "init": args.init, "lr": args.lr, "corrupt_prob": args.corrupt_prob, "consistency": args.consistency, "recency": args.recency,
                    "final_loss_ema": ema, "minutes": (time.time() - t_start) / 60, "threads": args.threads, "seed": args.seed}, f, indent=1)

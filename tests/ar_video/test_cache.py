@@ -128,12 +128,19 @@ def test_selector_picks_exactly_the_changed_segments():
             s = changed[i]
             frames[i + 1][:, :, s * seg : (s + 1) * seg] = torch.randn(1, 2, seg, D, generator=g)
     seq = torch.cat(frames, 2)
-    idx = select_segments(seq, T, 3, P, max_segments=2)
+    idx, _ = select_segments(seq, T, 3, P, max_segments=2)
     want = torch.cat([torch.arange(0 * T + 2 * seg, 0 * T + 3 * seg), torch.arange(2 * T + 1 * seg, 2 * T + 2 * seg)])
-    assert torch.equal(idx, want)
-    # batch element 1 is ignored (the reference scores batch 0 only)
-    seq2 = torch.cat([seq, torch.randn_like(seq)], 0)
-    assert torch.equal(select_segments(seq2, T, 3, P, 2), want)
+    assert torch.equal(idx[0], want)
+    # each sample is scored on its own keys (the reference scored batch 0 and reused it for all)
+    other = [base.clone() for _ in range(4)]
+    for f in (1, 2, 3):  # changes between frames 0 and 1 in segment 0, then stays
+        other[f][:, :, :seg] += 5.0
+    for f in (2, 3):  # changes between frames 1 and 2 in segment 1, then stays
+        other[f][:, :, seg : 2 * seg] -= 5.0
+    other = torch.cat(other, 2)
+    idx2, _ = select_segments(torch.cat([seq, other], 0), T, 3, P, 2)
+    assert torch.equal(idx2[0], want)
+    assert torch.equal(idx2[1], torch.cat([torch.arange(0, seg), torch.arange(T + seg, T + 2 * seg)]))
 
 
 def test_bad_configs_raise():

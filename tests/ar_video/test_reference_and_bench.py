@@ -94,7 +94,7 @@ def test_bench_output_contract(tmp_path, head_file):
     save_head_file(HeadSplit(4, 4, [[0, 1]] * 4, [[2, 3]] * 4), model_dir / "forcingkv_heads.json")
     out = tmp_path / "out"
     rc = main(["--model", str(model_dir), "--num-frames", "6", "--prompts", "1", "--repeats", "1", "--out", str(out),
-               "--window-frames", "30"])
+               "--window-frames", "30"])  # a model without world.json: the legacy three rows
     assert rc == 0
     rows = json.load(open(os.path.join(out, "results.json")))
     assert [r["policy"] for r in rows] == ["kv-full", "kv-rolling", "forcing-kv"]
@@ -106,3 +106,43 @@ def test_bench_output_contract(tmp_path, head_file):
     assert full["psnr_vs_full"] is None
     assert roll["psnr_vs_full"] is None or roll["psnr_vs_full"] > 80  # window covers everything
     assert fkv["kv_bytes"] < full["kv_bytes"] or fkv["kv_bytes"] == full["kv_bytes"] == 0
+
+
+def test_bench_equal_memory_rows_share_seeds_and_budgets(tmp_path, capsys):
+    """On an occlusion-world model dir the default rows are the equal-memory comparison; rows
+    whose retained tokens are the same by construction give identical frames (same seeds, same
+    given chunk), and the byte budgets match where they should."""
+    from dcache.eval.bench_ar_video import main
+    from dcache.pipelines.ar_video.pipeline import ARVideoConfig, ARVideoPipeline
+    from dcache.pipelines.ar_video.reference import build_transformer
+    from dcache.schedulers._forcing_heads import HeadSplit, save_head_file
+
+    model_dir = tmp_path / "m"
+    ARVideoPipeline(build_transformer(0), ARVideoConfig(pixel_shuffle=2, height=12, width=12)).save_pretrained(model_dir)
+    save_head_file(HeadSplit(4, 4, [[0, 1]] * 4, [[2, 3]] * 4), model_dir / "forcingkv_heads.json")
+    (model_dir / "world.json").write_text('{"world": "occlusion"}')
+    out = tmp_path / "out"
+    twin = "forcing-kv(static_ctx_frames=2,dynamic_ring_frames=2,dynamic_budget_frames=0)"  # = kv-rolling(window_frames=2)
+    from dcache.eval.bench_ar_video import DEFAULT_POLICIES
+
+    rc = main(["--model", str(model_dir), "--num-frames", "12", "--prompts", "2", "--repeats", "1", "--no-memory",
+               "--out", str(out), "--policies", DEFAULT_POLICIES + "," + twin])
+    assert rc == 0
+    rows = {r["label"]: r for r in json.load(open(os.path.join(out, "results.json")))}
+    assert list(rows)[0] == "kv-full" and len(rows) == 12
+    by = {k: rows[k]["kv_bytes"] for k in rows}
+    assert by["kv-rolling(window_frames=2)"] == by["forcing-kv(static_ctx_frames=2)"] == by[twin] \
+        == by["forcing-kv(static_ctx_frames=2,selection='random')"]
+    assert by["forcing-kv"] == by["forcing-kv(dynamic_ring_frames=2,dynamic_budget_frames=0)"] == by["forcing-kv(selection='random')"]
+    assert by["kv-rolling(window_frames=1)"] < by["forcing-kv"] < by["kv-rolling(window_frames=2)"] < by["kv-full"]
+    a, b = rows["kv-rolling(window_frames=2)"], rows[twin]
+    for key in ("psnr_vs_full", "psnr_vs_full_mean", "psnr_vs_gt", "psnr_vs_gt_mean", "psnr_vs_gt_per_chunk"):
+        assert a[key] == b[key]
+    assert a["psnr_vs_full"] is not None  # it did drop history (else the equality says nothing)
+    assert rows["kv-full"]["attn_mass_kept"] == 1.0 and rows["kv-full"]["given_frames"] == 3
+    assert 0 < rows["kv-rolling(window_frames=1)"]["attn_mass_kept"] < rows["kv-rolling(window_frames=2)"]["attn_mass_kept"] < 1
+    assert all(r["psnr_vs_gt"] is not None for r in rows.values())
+    assert os.path.exists(os.path.join(out, "results.md"))
+    # bad input: one line, non-zero exit, before any generation
+    assert main(["--model", str(model_dir), "--policies", "kv-rolling(window=2)", "--out", str(out)]) == 2
+    assert "window" in capsys.readouterr().err

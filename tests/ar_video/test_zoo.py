@@ -26,3 +26,24 @@ def test_reference_model_runs_under_every_policy():
         assert out.shape == ref.shape and torch.isfinite(out).all()
         assert pipe.dcache.stats()["kv_bytes"] > 0
     dcache.disable(pipe)
+
+
+def test_occlusion_model_runs_under_every_policy_and_declares_its_world():
+    from dcache.pipelines.ar_video import occlusion as occ
+    from dcache.schedulers._forcing_heads import load_head_file
+
+    if not os.path.exists(os.path.join(occ.occlusion_dir(), "config.json")):
+        pytest.skip("occlusion weights not shipped")
+    assert occ.model_world(occ.occlusion_dir()) == "occlusion"
+    pipe = occ.load_occlusion()
+    assert pipe.ctx.recency is None  # no planted bias in this model
+    split = load_head_file(pipe.head_file, pipe.num_layers, pipe.num_heads)
+    assert sum(split.counts()) == pipe.num_layers * pipe.num_heads
+    lat, prompts, _ = occ.make_batch(2, 9, torch.Generator().manual_seed(0), digit_pool="test")
+    ref = pipe(prompt=prompts, num_frames=9, seed=0, context_frames=lat[:, :, :3]).frames
+    assert ref.shape == (2, 1, 9, 24, 24)
+    for name in ("kv-rolling", "forcing-kv"):
+        dcache.accelerate(pipe, policy=name)
+        out = pipe(prompt=prompts, num_frames=9, seed=0, context_frames=lat[:, :, :3]).frames
+        assert out.shape == ref.shape and torch.isfinite(out).all()
+    dcache.disable(pipe)
