@@ -1,0 +1,560 @@
+"""``dcache eval``: baseline and accelerated samples on identical seeds, scored with real metrics.
+
+Every sample is written as it finishes (``OUT/samples/<config>/<index>_seed<seed>.png``) with a
+line in the manifest; rerunning the same command continues where a killed run stopped, and a
+different configuration in an existing ``--out`` is refused. Samples are generated one at a time,
+interleaved across configurations (baseline, A, B, baseline, A, B, ...), so machine noise hits
+every row alike; a speedup only ever compares samples timed in the same invocation.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from dcache.eval.cli_errors import (ArgParser, UsageError, check_device, check_existing_dir, check_model,
+                                    check_number, check_out_dir, check_policy_list)
+
+EXAMPLES = """examples:
+  dcache eval --out runs/ts                                   # embedded model, taylorseer vs baseline
+  dcache eval --policy "teacache(threshold=0.6),fbcache" --num-samples 20 --out runs/two
+  dcache eval --policy taylorseer --option interval=4 --option order=2 --out runs/ts4
+  dcache eval --sweep teacache.threshold=0.2,0.4,0.8 --sweep taylorseer.interval=3,5,7 --out runs/sweep
+  dcache eval --peers --policy fbcache --out runs/peers       # + diffusers hooks and cache-dit rows
+  dcache eval --fid --inception-weights weights-inception-2015-12-05-6726825d.pth --out runs/fid
+  dcache eval --model ./my-pipeline --prompts prompts.txt --clip-model openai/clip-vit-base-patch32 --out runs/m
+  dcache policies --task image                                # the policy names and what they do
+
+Kill it at any time (Ctrl-C): the same command with the same --out resumes; finished samples are
+kept. Output: OUT/results.json, results.csv, results.md, pareto.png, grid.png, samples/."""
+
+DEFAULT_POLICY = "taylorseer"
+PARETO_METRICS = ("psnr", "ssim", "lpips", "task", "fid", "kid", "clip_score")
+
+
+@dataclass
+class EvalConfig:
+    """What one ``dcache eval`` run generates and measures; validates itself."""
+
+    out: str
+    model: str | None = None
+    weights_dir: str | None = None
+    policy: str = DEFAULT_POLICY
+    options: list[str] = field(default_factory=list)
+    sweep: list[str] = field(default_factory=list)
+    peers: bool = False
+    steps: int = 50
+    guidance: float | None = None
+    num_samples: int = 8
+    seeds: str | None = None
+    prompts: str | None = None
+    classes: str | None = None
+    device: str = "cpu"
+    threads: int | None = None
+    fid: bool = False
+    inception_weights: str | None = None
+    fid_extractor: str | None = None
+    clip_model: str | None = None
+    pareto_metric: str = "psnr"
+    # derived by validate()
+    policies: list[tuple[str, dict]] = field(default_factory=list, init=False)
+    seed_list: list[int] = field(default_factory=list, init=False)
+    conditions: list[Any] | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        from dcache.eval.sweep import expand
+        from dcache.eval.targets import BUILTIN_IMAGE_MODELS
+
+        check_out_dir(self.out)
+        check_number("--steps", self.steps, 1, integer=True)
+        check_number("--guidance", self.guidance, 0)
+        check_number("--num-samples", self.num_samples, 1, integer=True)
+        check_number("--threads", self.threads, 1, integer=True)
+        check_device(self.device)
+        check_model(self.model, BUILTIN_IMAGE_MODELS)
+        check_existing_dir(self.weights_dir, "--weights-dir")
+        if self.weights_dir and self.model not in (None, "digits", "scenes"):
+            raise UsageError("--weights-dir applies to the built-in models (digits, scenes), not --model " + repr(self.model))
+        policies = check_policy_list(self.policy, "image", "--policy")
+        if self.options:
+            if len(policies) != 1:
+                raise UsageError("--option applies to a single --policy; with a list write name(key=value,...)")
+            opts = dict(policies[0][1])
+            for item in self.options:
+                if "=" not in item:
+                    raise UsageError(f"--option {item!r}: write key=value (e.g. --option interval=4)")
+                k, v = (s.strip() for s in item.split("=", 1))
+                opts[k.replace("-", "_")] = v
+            spec = policies[0][0] + "(" + ",".join(f"{k}={v}" for k, v in opts.items()) + ")"
+            policies = check_policy_list(spec, "image", "--option")
+        try:
+            self.policies = expand(policies, self.sweep, task="image")
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        self.seed_list = _seeds(self.seeds, self.num_samples)
+        if self.prompts and self.classes:
+            raise UsageError("give --prompts or --classes, not both")
+        if self.prompts:
+            self.conditions = _read_prompts(self.prompts)
+        elif self.classes:
+            try:
+                self.conditions = [int(c) for c in self.classes.split(",") if c.strip()]
+            except ValueError:
+                raise UsageError(f"--classes must be a comma list of integers, got {self.classes!r}") from None
+            if not self.conditions or min(self.conditions) < 0:
+                raise UsageError(f"--classes must be non-negative integers, got {self.classes!r}")
+        if self.inception_weights and not os.path.isfile(self.inception_weights):
+            raise UsageError(f"--inception-weights {self.inception_weights!r} is not a file")
+        if self.fid_extractor and not os.path.isfile(self.fid_extractor):
+            raise UsageError(f"--fid-extractor {self.fid_extractor!r} is not a file (a TorchScript module)")
+        if self.pareto_metric not in PARETO_METRICS:
+            raise UsageError(f"--pareto-metric {self.pareto_metric!r}; accepted: {', '.join(PARETO_METRICS)}")
+        if self.pareto_metric in ("fid", "kid") and not self.fid:
+            raise UsageError(f"--pareto-metric {self.pareto_metric} needs --fid")
+        if self.pareto_metric == "clip_score" and not self.clip_model:
+            raise UsageError("--pareto-metric clip_score needs --clip-model")
+
+
+def _seeds(spec: str | None, n: int) -> list[int]:
+    if not spec:
+        return list(range(n))
+    out: list[int] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        try:
+            if "-" in part[1:]:
+                a, b = part.split("-", 1) if not part.startswith("-") else (part, "")
+                lo, hi = int(a), int(b)
+                if hi < lo:
+                    raise ValueError
+                out += list(range(lo, hi + 1))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise UsageError(f"--seeds must be integers or ranges like 0-9, comma-separated; got {spec!r}") from None
+    if not out:
+        raise UsageError(f"--seeds {spec!r} names no seeds")
+    if len(set(out)) != len(out):
+        raise UsageError(f"--seeds {spec!r} repeats a seed")
+    if min(out) < 0:
+        raise UsageError(f"--seeds must be non-negative, got {spec!r}")
+    return out
+
+
+def _read_prompts(path: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise UsageError(f"--prompts {path!r} is not a file (one prompt a line, or a JSON list)")
+    text = open(path, encoding="utf-8").read()
+    if path.endswith(".json"):
+        try:
+            prompts = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--prompts {path!r} is not valid JSON: {e}") from None
+        if not (isinstance(prompts, list) and all(isinstance(p, str) for p in prompts)):
+            raise UsageError(f"--prompts {path!r} must hold a JSON list of strings")
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError(f"--prompts {path!r} holds no prompts")
+    return prompts
+
+
+def build_parser() -> ArgParser:
+    from dcache.eval.targets import DEFAULT_IMAGE_MODEL
+
+    ap = ArgParser(prog="dcache eval", description="Baseline and accelerated samples on identical seeds, scored with real metrics.", epilog=EXAMPLES)
+    ap.add_argument("--model", default=None,
+                    help=f"digits | scenes (embedded), a diffusers pipeline directory or hub id (default: {DEFAULT_IMAGE_MODEL})")
+    ap.add_argument("--weights-dir", default=None, help="embedded model: a training --out folder instead of the shipped weights")
+    ap.add_argument("--task", default="image", help="image (dllm and ar-video: use dcache bench --task for now)")
+    ap.add_argument("--policy", default=DEFAULT_POLICY, help="policy list, the shared syntax: name,name(key=value,...)")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", dest="options",
+                    help="an option of the single --policy (repeatable)")
+    ap.add_argument("--sweep", action="append", default=[], metavar="POLICY.KEY=V1,V2",
+                    help="run every value (repeatable; several on one policy form a grid)")
+    ap.add_argument("--peers", action="store_true", help="also evaluate diffusers' cache hooks and cache-dit")
+    ap.add_argument("--steps", type=int, default=50, help="denoising steps")
+    ap.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    ap.add_argument("--num-samples", type=int, default=8, help="samples per configuration (seeds 0..N-1)")
+    ap.add_argument("--seeds", default=None, help="explicit seeds, e.g. 0-9 or 3,7,11 (overrides --num-samples)")
+    ap.add_argument("--prompts", default=None, help="text file, one prompt a line (or a .json list); cycled over samples")
+    ap.add_argument("--classes", default=None, help="class labels for class-conditional models, e.g. 0,1,2; cycled")
+    ap.add_argument("--out", default="dcache-eval", help="output directory (rerun with the same one to resume)")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--fid", action="store_true", help="FID and KID of each row against the baseline samples")
+    ap.add_argument("--inception-weights", default=None, metavar="PATH",
+                    help="Inception .pth for FID/KID (default: torch-fidelity's file in the torch hub cache)")
+    ap.add_argument("--fid-extractor", default=None, metavar="FILE",
+                    help="a TorchScript feature extractor for FID/KID instead of Inception")
+    ap.add_argument("--clip-model", default=None, help="CLIP score with this hub id or local directory")
+    ap.add_argument("--pareto-metric", default="psnr", help=f"quality axis of pareto.png: {', '.join(PARETO_METRICS)}")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.task != "image":
+        if args.task in ("dllm", "ar-video", "video"):
+            raise UsageError(f"dcache eval --task {args.task} is not available yet; "
+                             f"use dcache bench --task {'ar-video' if args.task == 'video' else args.task}")
+        raise UsageError(f"--task {args.task!r}; accepted: image (dllm, ar-video through dcache bench)")
+    kw = {k: v for k, v in vars(args).items() if k != "task"}
+    cfg = EvalConfig(**kw)
+    return run(cfg)
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    id: str
+    source: str
+    policy: str
+    options: dict
+    label: str
+    setup: Callable[[], tuple[Callable[[], None], Callable[[], None]]]  # -> (before each sample, teardown)
+
+
+def _slug(text: str) -> str:
+    import hashlib
+    import re
+
+    s = re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_")[:60]
+    return f"{s}-{hashlib.sha1(text.encode()).hexdigest()[:6]}" if s != text else s
+
+
+def _jobs(cfg: EvalConfig, model: Any, metric_fns: dict) -> tuple[list[Job], list[str]]:
+    import dcache
+    from dcache.eval import report
+
+    def dcache_setup(name: str, opts: dict):
+        def setup():
+            dcache.accelerate(model.pipe, name, **opts)
+            return (lambda: None), (lambda: dcache.disable(model.pipe))
+        return setup
+
+    jobs = [Job("baseline", "baseline", "baseline", {}, "baseline", lambda: ((lambda: None), (lambda: None)))]
+    for name, opts in cfg.policies:
+        lab = report.label(name, opts)
+        jobs.append(Job(_slug(lab), "dcache", name, opts, lab, dcache_setup(name, opts)))
+    notes: list[str] = []
+    if cfg.peers:
+        from dcache.eval.peers import available_peers
+
+        def calibrate(pipe: Any, steps: int) -> None:
+            model.draw(cfg.seed_list[0], metric_fns["conditions"][0], steps, cfg.guidance)
+
+        peers, notes = available_peers(calibrate, model.separate_cfg)
+        for p in peers:
+            def setup(p=p):
+                before, teardown = p.setup(model.pipe, cfg.steps)
+                return (lambda: before(model.pipe)), (lambda: teardown(model.pipe))
+            lab = report.label(p.name, p.options)
+            jobs.append(Job(_slug(f"{p.source}-{lab}"), p.source, p.name, p.options, lab, setup))
+    return jobs, notes
+
+
+def _run_config(cfg: EvalConfig, jobs: list[Job], conditions: list[Any]) -> dict:
+    """What must match for an existing --out to be resumed (outputs depend on all of it)."""
+    return {"model": cfg.model or "default", "weights_dir": cfg.weights_dir, "steps": cfg.steps,
+            "guidance": cfg.guidance, "seeds": cfg.seed_list, "conditions": conditions, "device": cfg.device,
+            "configs": [{"id": j.id, "source": j.source, "policy": j.policy, "options": j.options} for j in jobs]}
+
+
+def _dist_state(device: str):
+    """accelerate's PartialState when launched with several processes, else None."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+
+    import torch
+
+    return PartialState(cpu=torch.device(device).type == "cpu")
+
+
+def run(cfg: EvalConfig) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from dcache.eval import distribution
+    from dcache.eval.measure import count_pass
+    from dcache.eval.samples import SampleStore
+    from dcache.eval.targets import load_model
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    # Everything that can refuse does so before the first sample: metric weights, then the model.
+    scorers = distribution.prepare(fid=cfg.fid, inception_weights=cfg.inception_weights,
+                                   fid_extractor=cfg.fid_extractor, clip_model=cfg.clip_model,
+                                   num_samples=len(cfg.seed_list))
+    model = load_model(cfg.model, cfg.device, cfg.weights_dir)
+    n = len(cfg.seed_list)
+    base_conds = cfg.conditions if cfg.conditions is not None else model.default_conditions(n)
+    if model.conditioning == "prompt" and cfg.classes:
+        raise UsageError(f"--model {cfg.model or 'default'} takes prompts (--prompts FILE), not --classes")
+    if model.conditioning == "class" and cfg.prompts:
+        raise UsageError(f"--model {cfg.model or 'default'} is class-conditional: use --classes, not --prompts")
+    if model.conditioning == "class" and cfg.classes and "num_classes" in model.info:
+        bad = [c for c in base_conds if c >= model.info["num_classes"]]
+        if bad:
+            raise UsageError(f"--classes {bad[0]} is out of range; this model draws classes 0..{model.info['num_classes'] - 1}")
+    conditions = [base_conds[i % len(base_conds)] for i in range(n)]
+    if cfg.clip_model and model.conditioning != "prompt" and model.text is str:
+        raise UsageError("--clip-model needs captions: this model takes no prompts")
+    jobs, notes = _jobs(cfg, model, {"conditions": conditions})
+
+    state = _dist_state(cfg.device)
+    rank, world = (state.process_index, state.num_processes) if state else (0, 1)
+    run_cfg = _run_config(cfg, jobs, conditions)
+    if rank == 0:
+        store = SampleStore(cfg.out, run_cfg, rank)
+    if state:
+        state.wait_for_everyone()
+    if rank != 0:
+        store = SampleStore(cfg.out, run_cfg, rank, create=False)
+
+    # Contiguous shares, earlier ranks one more (accelerate's split_between_processes convention).
+    per, extra = divmod(n, world)
+    lo = rank * per + min(rank, extra)
+    mine = list(range(lo, lo + per + (1 if rank < extra else 0)))
+
+    done = store.finished()
+    measured = store.measured()
+    todo = [(i, j) for i in mine for j in jobs if (j.id, i) not in done]
+    bar = tqdm(total=len(mine) * len(jobs), initial=len(mine) * len(jobs) - len(todo), unit="sample",
+               desc=f"dcache eval{f' [{rank}/{world}]' if world > 1 else ''}", disable=None, file=sys.stderr)
+
+    def draw(i: int):
+        return model.draw(cfg.seed_list[i], conditions[i], cfg.steps, cfg.guidance)
+
+    skipped: dict[str, str] = {}
+    # First, per configuration, one untimed pass under the FLOP counter and memory probe. It is
+    # also the warm-up, so the first timed sample is not charged for allocator and thread start-up.
+    if rank == 0 and todo:
+        for j in jobs:
+            if j.id in measured:
+                continue
+            bar.set_postfix_str(f"measure {j.label}")
+            try:
+                before, teardown = j.setup()
+            except Exception as e:  # noqa: BLE001 - a peer that cannot run on this model is a note, not fatal
+                skipped[j.id] = f"{j.source} {j.label} skipped: {type(e).__name__}: {str(e).splitlines()[0]}"
+                continue
+            try:
+                before()
+                flops, peak = count_pass(lambda: draw(mine[0] if mine else 0), cfg.device)
+            finally:
+                teardown()
+            store.add_measure(j.id, flops=flops, peak_mem_bytes=peak)
+    elif todo:
+        draw(mine[0])  # warm-up on the other ranks
+    for i in mine:
+        for j in jobs:
+            if (j.id, i) in done or j.id in skipped:
+                continue
+            bar.set_postfix_str(f"{j.label} #{i}")
+            try:
+                before, teardown = j.setup()
+            except Exception as e:  # noqa: BLE001
+                skipped[j.id] = f"{j.source} {j.label} skipped: {type(e).__name__}: {str(e).splitlines()[0]}"
+                continue
+            try:
+                before()
+                if torch.device(cfg.device).type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    img = draw(i)
+                if torch.device(cfg.device).type == "cuda":
+                    torch.cuda.synchronize()
+                wall = time.perf_counter() - t0
+            finally:
+                teardown()
+            store.add_sample(j.id, i, cfg.seed_list[i], img[0], wall_s=wall, threads=torch.get_num_threads())
+            bar.update(1)
+    bar.close()
+    notes += list(skipped.values())
+    if state:
+        state.wait_for_everyone()
+    if rank == 0:
+        rows = score(cfg, store, jobs, conditions, model, scorers, notes)
+        write_outputs(cfg, rows, notes, store, jobs, model)
+    if state:
+        state.wait_for_everyone()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+# -- scoring ----------------------------------------------------------------------------------
+
+def score(cfg: EvalConfig, store: Any, jobs: list[Job], conditions: list[Any], model: Any, scorers: Any,
+          notes: list[str]) -> list[dict]:
+    """One row per configuration, every metric from the files on disk."""
+    import statistics
+
+    import torch
+
+    from dcache.eval import metrics
+    from dcache.eval.measure import speedup
+
+    done = store.finished()
+    measured = store.measured()
+    by_job: dict[str, dict[int, dict]] = {}
+    for (cid, i), rec in done.items():
+        by_job.setdefault(cid, {})[i] = rec
+    base_recs = by_job.get("baseline", {})
+    idx_all = sorted(base_recs)
+    base_imgs = {i: store.image(base_recs[i]) for i in idx_all}
+    lp_ok, lp_note = metrics.lpips_status()
+    if not lp_ok:
+        notes.append(lp_note)
+    notes += scorers.notes
+    base_flops = measured.get("baseline", {}).get("flops")
+    rows = []
+    for j in jobs:
+        recs = by_job.get(j.id, {})
+        if not recs:
+            continue
+        idx = sorted(set(recs) & set(base_recs))
+        imgs = torch.stack([store.image(recs[i]) for i in sorted(recs)])
+        row: dict[str, Any] = {"id": j.id, "source": j.source, "policy": j.policy, "label": j.label,
+                               "options": j.options, "samples": len(recs),
+                               "wall_s": statistics.median(r["wall_s"] for r in recs.values())}
+        if j.id == "baseline":
+            row.update(speedup=1.0, timed_pairs=len(recs), timing_sessions=len({r["session"] for r in recs.values()}))
+        else:
+            row.update(speedup(base_recs, recs))
+        m = measured.get(j.id, {})
+        row["flops"] = m.get("flops")
+        row["computed_fraction"] = (m["flops"] / base_flops) if m.get("flops") is not None and base_flops else None
+        row["peak_mem_bytes"] = m.get("peak_mem_bytes")
+        if idx:
+            a = torch.stack([store.image(recs[i]) for i in idx])
+            b = torch.stack([base_imgs[i] for i in idx])
+            row["psnr"] = metrics.psnr(a, b)
+            row["ssim"] = metrics.ssim(a, b)
+            row["lpips"] = metrics.lpips_distance(a, b)
+        if model.task_metric is not None:
+            ok = model.task_metric(imgs, [conditions[i] for i in sorted(recs)])
+            row["task"] = sum(ok) / len(ok)
+            row["task_metric"] = model.task_metric_name
+        if idx and (scorers.fid is not None):
+            a = torch.stack([store.image(recs[i]) for i in idx])
+            b = torch.stack([base_imgs[i] for i in idx])
+            row.update(scorers.fid_kid(b, a))
+        if scorers.clip is not None:
+            row["clip_score"] = scorers.clip_score(imgs, [model.text(conditions[i]) for i in sorted(recs)])
+        rows.append(row)
+    if len(idx_all) < len(cfg.seed_list):
+        notes.append(f"baseline has {len(idx_all)} of {len(cfg.seed_list)} samples (run again to finish)")
+    return rows
+
+
+CSV_COLUMNS = ["id", "source", "policy", "label", "options", "samples", "wall_s", "speedup", "speedup_median",
+               "timed_pairs", "timing_note", "flops", "computed_fraction", "peak_mem_bytes", "psnr", "ssim", "lpips",
+               "task", "task_metric", "fid", "kid", "kid_std", "clip_score"]
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    if isinstance(v, tuple):
+        return [_clean(x) for x in v]
+    return v
+
+
+def write_outputs(cfg: EvalConfig, rows: list[dict], notes: list[str], store: Any, jobs: list[Job], model: Any) -> None:
+    import torch
+
+    from dcache.eval import pareto, report
+    from dcache.eval.grid import write_grid
+
+    out = cfg.out
+    meta = {"model": model.name, "steps": cfg.steps, "guidance": cfg.guidance, "seeds": cfg.seed_list,
+            "device": cfg.device, "torch_threads": torch.get_num_threads(), "notes": notes,
+            "pareto_metric": cfg.pareto_metric}
+    payload = {"meta": meta, "rows": [{k: _clean(v) for k, v in r.items()} for r in rows]}
+    tmp = os.path.join(out, "results.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, os.path.join(out, "results.json"))
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_COLUMNS)
+        for r in rows:
+            w.writerow([json.dumps(r[c], sort_keys=True) if isinstance(r.get(c), dict)
+                        else ("" if r.get(c) is None else _clean(r.get(c))) for c in CSV_COLUMNS])
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(_markdown(rows) + "\n")
+    pareto.plot(os.path.join(out, "pareto.png"), rows, cfg.pareto_metric)
+    done = store.finished()
+    cols = [i for i in range(len(cfg.seed_list)) if ("baseline", i) in done][:8]
+    grid_rows = []
+    for j in jobs:
+        if all((j.id, i) in done for i in cols) and cols:
+            grid_rows.append((j.label if j.source in ("dcache", "baseline") else f"{j.source}:{j.label}",
+                              torch.stack([store.image(done[(j.id, i)]) for i in cols])))
+    headers = [f"seed {cfg.seed_list[i]}: {model.text(store.config['conditions'][i]) if model.conditioning == 'prompt' else store.config['conditions'][i]}"
+               for i in cols]
+    write_grid(os.path.join(out, "grid.png"), headers, grid_rows)
+    print(f"\n{model.name}, {cfg.steps} steps, {len(cfg.seed_list)} samples, {torch.get_num_threads()} CPU threads")
+    print(_table(rows))
+    for nt in notes:
+        print(f"note: {nt}")
+    print(f"\nwrote results.json, results.csv, results.md, pareto.png, grid.png in {out}")
+
+
+TABLE = [("source", "source"), ("label", "policy"), ("wall_s", "s/sample"), ("speedup", "speedup"),
+         ("computed_fraction", "computed"), ("psnr", "psnr"), ("ssim", "ssim"), ("lpips", "lpips"), ("task", "task"),
+         ("fid", "fid"), ("kid", "kid"), ("clip_score", "clip")]
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "inf"
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+
+def _cols(rows: list[dict]) -> list[tuple[str, str]]:
+    return [(k, h) for k, h in TABLE if any(r.get(k) is not None for r in rows)]
+
+
+def _table(rows: list[dict]) -> str:
+    cols = _cols(rows)
+    cells = [[_fmt(r.get(k)) + ("*" if k == "speedup" and r.get("timing_note") else "") for k, _ in cols] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (_, h) in enumerate(cols)]
+    lines = ["  ".join(h.ljust(w) for (_, h), w in zip(cols, widths))]
+    lines.append("-" * len(lines[0]))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(cell, widths)) for cell in cells]
+    if any(r.get("timing_note") for r in rows):
+        lines.append("* " + "; ".join(sorted({f"{r['label']}: {r['timing_note']}" for r in rows if r.get("timing_note")})))
+    return "\n".join(lines)
+
+
+def _markdown(rows: list[dict]) -> str:
+    cols = _cols(rows)
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(k)).replace("|", "/") for k, _ in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    from dcache.eval.cli_errors import guarded
+
+    raise SystemExit(guarded("dcache eval", lambda: main(sys.argv[1:])))

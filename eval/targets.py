@@ -1,0 +1,129 @@
+"""The models ``dcache eval`` can generate from, behind one small interface.
+
+A :class:`EvalModel` draws one sample for (seed, condition); a condition is a class label or a
+prompt. Built-in models also carry their task metric (is the sample what was asked for?).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+# The model `dcache eval` uses with no --model. Issue #16's prompt-conditioned scenes model
+# becomes the default once it is merged: flip this one constant to "scenes".
+DEFAULT_IMAGE_MODEL = "digits"
+BUILTIN_IMAGE_MODELS = ("digits", "scenes")
+
+
+@dataclass
+class EvalModel:
+    pipe: Any
+    name: str
+    conditioning: str  # "class" or "prompt"
+    draw: Callable[[int, Any, int, float | None], torch.Tensor]  # (seed, cond, steps, guidance) -> (1, C, H, W)
+    default_conditions: Callable[[int], list[Any]]  # n -> conditions for samples 0..n-1
+    task_metric: Callable[[torch.Tensor, list[Any]], list[bool]] | None = None  # per-sample "did it follow"
+    task_metric_name: str | None = None
+    text: Callable[[Any], str] = str  # the caption of a condition (CLIP score)
+    separate_cfg: bool = True
+    info: dict = field(default_factory=dict)
+
+
+def _as_images(out: Any) -> torch.Tensor:
+    from dcache.eval.bench_image import _as_images as as_images
+
+    return as_images(out)
+
+
+def load_model(model: str | None, device: str, weights_dir: str | None = None) -> EvalModel:
+    model = model or DEFAULT_IMAGE_MODEL
+    if model == "digits":
+        return _digits(device, weights_dir)
+    if model == "scenes":
+        return _scenes(device, weights_dir)
+    return _diffusers(model, device)
+
+
+def _digits(device: str, weights_dir: str | None) -> EvalModel:
+    from dcache.pipelines.zoo.digit_classifier import load_digit_classifier
+    from dcache.pipelines.zoo.reference import load_reference_pipeline
+
+    pipe = load_reference_pipeline(device=device, weights_dir=weights_dir)
+    pipe.set_progress_bar_config(disable=True)
+    clf = load_digit_classifier(device=device)
+
+    def draw(seed: int, label: Any, steps: int, guidance: float | None) -> torch.Tensor:
+        out = pipe(class_labels=[int(label)], num_inference_steps=steps,
+                   guidance_scale=4.0 if guidance is None else guidance,
+                   generator=torch.Generator(device).manual_seed(seed), output_type="pt")
+        return _as_images(out)
+
+    def correct(images: torch.Tensor, labels: list[Any]) -> list[bool]:
+        pred = clf.score(images)
+        return [bool(p == int(c)) for p, c in zip(pred.tolist(), labels)]
+
+    return EvalModel(pipe, "embedded digits (FluxTransformer2DModel, class-conditional)", "class", draw,
+                     lambda n: [i % 10 for i in range(n)], correct, "class_accuracy",
+                     text=lambda c: f"a handwritten digit {c}", info={"num_classes": 10})
+
+
+def _scenes(device: str, weights_dir: str | None) -> EvalModel:
+    try:
+        from dcache.pipelines.zoo.scenes import check_adherence, load_scenes_pipeline, sample_prompts
+    except ImportError:
+        raise ValueError("--model scenes is not in this build yet (issue #16); use --model digits") from None
+    pipe = load_scenes_pipeline(device=device, dtype=torch.float32, weights_dir=weights_dir)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+
+    def draw(seed: int, prompt: Any, steps: int, guidance: float | None) -> torch.Tensor:
+        kw: dict[str, Any] = {"num_inference_steps": steps, "output_type": "pt",
+                              "generator": torch.Generator(device).manual_seed(seed)}
+        if guidance is not None:
+            kw["guidance_scale"] = guidance
+        return _as_images(pipe(str(prompt), **kw))
+
+    def adherent(images: torch.Tensor, prompts: list[Any]) -> list[bool]:
+        return [bool(r["whole"]) for r in check_adherence(images, [str(p) for p in prompts])]
+
+    return EvalModel(pipe, "embedded scenes (FluxTransformer2DModel, prompt-conditioned)", "prompt", draw,
+                     lambda n: list(sample_prompts(n, 0)), adherent, "prompt_adherence")
+
+
+def _diffusers(model: str, device: str) -> EvalModel:
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(os.path.expanduser(model)).to(device)
+    except Exception as e:  # noqa: BLE001 - report any loading failure the same way
+        raise ValueError(f"--model {model!r}: cannot load a diffusers pipeline: {str(e).splitlines()[0]}") from None
+    pipe.set_progress_bar_config(disable=True)
+    params = inspect.signature(type(pipe).__call__).parameters
+    if "prompt" in params:
+        conditioning = "prompt"
+    elif "class_labels" in params:
+        conditioning = "class"
+    else:
+        conditioning = "none"
+
+    def draw(seed: int, cond: Any, steps: int, guidance: float | None) -> torch.Tensor:
+        kw: dict[str, Any] = {"num_inference_steps": steps, "output_type": "pt",
+                              "generator": torch.Generator(device).manual_seed(seed)}
+        if guidance is not None and "guidance_scale" in params:
+            kw["guidance_scale"] = guidance
+        if conditioning == "prompt":
+            kw["prompt"] = [str(cond)]
+        elif conditioning == "class":
+            kw["class_labels"] = [int(cond)]
+        return _as_images(pipe(**kw))
+
+    def defaults(n: int) -> list[Any]:
+        if conditioning == "prompt":
+            raise ValueError(f"--model {model!r} takes prompts: pass --prompts FILE (one prompt a line)")
+        return [i % 10 for i in range(n)] if conditioning == "class" else [None] * n
+
+    return EvalModel(pipe, f"{type(pipe).__name__} from {model}", conditioning, draw, defaults)
