@@ -67,7 +67,6 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, feature: torch.nn.Module | N
         fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=inception_weights)
         kid = KernelInceptionDistance(feature=fid.inception, subset_size=min(1000, n))
         prep = _rgb_uint8
-    fid.set_dtype(torch.float64)
     with torch.no_grad():
         for m in (fid, kid):
             m.update(prep(real), real=True)
@@ -114,7 +113,7 @@ def load_clip(name_or_path: str) -> tuple[Any, Any]:
 
 
 def clip_score(images: torch.Tensor, captions: list[str], model_and_processor: tuple[Any, Any]) -> float:
-    """torchmetrics CLIPScore (100 x cosine, clamped at 0, averaged) of images against captions."""
+    """torchmetrics CLIPScore of images against captions: max(mean(100 x cosine), 0)."""
     from torchmetrics.multimodal.clip_score import CLIPScore
 
     metric = CLIPScore(model_name_or_path=lambda: model_and_processor)
