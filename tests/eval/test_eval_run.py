@@ -111,3 +111,29 @@ def test_frontier_and_label_placement():
         for j in range(i + 1, 6):
             assert not boxes[i].overlaps(boxes[j]), (texts[i].get_text(), texts[j].get_text())
     plt.close(fig)
+
+
+@pytest.mark.slow  # cache-dit's import and MagCache's calibration run: ~40 s on a busy 2-core machine
+def test_peers_are_rows_scored_on_their_own_outputs(tmp_path):
+    out = tmp_path / "peers"
+    assert cli(["eval", "--steps", "4", "--num-samples", "1", "--threads", "1", "--policy", "fbcache", "--peers",
+                "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    rows = {(r["source"], r["policy"]): r for r in res["rows"]}
+    assert {"baseline", "dcache", "diffusers"} <= {s for s, _ in rows}
+    assert ("cache-dit", "DBCache") in rows or any("cache-dit" in n for n in res["meta"]["notes"])
+    ts = rows[("diffusers", "TaylorSeerCache")]
+    assert ts["computed_fraction"] < 1  # diffusers' hook really skipped work at these settings
+    # The row's sample is what diffusers' own TaylorSeerCache hook draws for that seed.
+    from diffusers import TaylorSeerCacheConfig
+
+    from dcache.pipelines.zoo.reference import load_reference_pipeline
+
+    pipe = load_reference_pipeline()
+    pipe.transformer.enable_cache(TaylorSeerCacheConfig(cache_interval=6, disable_cache_before_step=3, max_order=1,
+                                                        taylor_factors_dtype=torch.float32))
+    img = pipe(class_labels=[0], num_inference_steps=4, guidance_scale=4.0, generator=torch.Generator().manual_seed(0),
+               output_type="np").images[0]
+    want = np.clip(np.round(img[..., 0] * 255), 0, 255).astype(np.uint8)
+    recs = _manifest(out)
+    assert np.array_equal(np.asarray(Image.open(out / recs[(ts["id"], 0)]["file"])), want)
