@@ -12,11 +12,14 @@ from PIL import Image
 from dcache.cli import main as cli
 
 
+SWEEP = ["eval", "--steps", "4", "--num-samples", "3", "--threads", "1", "--policy", "static",
+         "--sweep", "static.interval=2,4"]
+
+
 @pytest.fixture(scope="module")
 def sweep_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "sweep"
-    rc = cli(["eval", "--steps", "4", "--num-samples", "3", "--threads", "1", "--policy", "static",
-              "--sweep", "static.interval=2,4", "--out", str(out)])
+    rc = cli(SWEEP + ["--out", str(out)])
     assert rc == 0
     return out, json.loads((out / "results.json").read_text())
 
@@ -137,3 +140,35 @@ def test_peers_are_rows_scored_on_their_own_outputs(tmp_path):
     want = np.clip(np.round(img[..., 0] * 255), 0, 255).astype(np.uint8)
     recs = _manifest(out)
     assert np.array_equal(np.asarray(Image.open(out / recs[(ts["id"], 0)]["file"])), want)
+
+
+@pytest.mark.slow  # two fresh processes under accelerate launch: ~40 s on a busy 2-core machine
+def test_two_processes_under_accelerate_equal_one(sweep_run, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    one, res1 = sweep_run
+    out = tmp_path / "two"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(port), "-m", "dcache.cli"] + SWEEP + ["--out", str(out)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ranks = {}
+    for r in (0, 1):
+        recs = [json.loads(line) for line in open(out / f"manifest-{r}.jsonl")]
+        ranks[r] = sorted({x["index"] for x in recs if x["kind"] == "sample"})
+    assert ranks == {0: [0, 1], 1: [2]}  # contiguous shares, the first rank one more
+    res2 = json.loads((out / "results.json").read_text())
+    for a, b in zip(res1["rows"], res2["rows"]):
+        assert a["id"] == b["id"]
+        for k in ("psnr", "ssim", "task", "flops", "computed_fraction", "samples"):
+            assert a[k] == b[k], k
+    for (cid, i), rec in _manifest(one).items():
+        assert (one / rec["file"]).read_bytes() == (out / rec["file"]).read_bytes()
