@@ -34,7 +34,8 @@ EXAMPLES = """examples:
 Kill it at any time (Ctrl-C): the same command with the same --out resumes; finished samples are
 kept. Output: OUT/results.json, results.csv, results.md, pareto.png, grid.png, samples/."""
 
-DEFAULT_POLICY = "taylorseer"
+DEFAULT_POLICY = {"image": "taylorseer", "ar-video": "kv-rolling,forcing-kv"}
+TASKS = ("image", "ar-video")
 PARETO_METRICS = ("psnr", "ssim", "lpips", "task", "fid", "kid", "clip_score")
 
 
@@ -43,13 +44,15 @@ class EvalConfig:
     """What one ``dcache eval`` run generates and measures; validates itself."""
 
     out: str
+    task: str = "image"
     model: str | None = None
     weights_dir: str | None = None
-    policy: str = DEFAULT_POLICY
+    policy: str | None = None  # default: DEFAULT_POLICY[task]
     options: list[str] = field(default_factory=list)
     sweep: list[str] = field(default_factory=list)
     peers: bool = False
-    steps: int = 50
+    steps: int | None = None  # default 50 (images); the AR-video sampler has its own fixed steps
+    num_frames: int = 24
     guidance: float | None = None
     num_samples: int = 8
     seeds: str | None = None
@@ -72,19 +75,40 @@ class EvalConfig:
 
     def validate(self) -> None:
         from dcache.eval.sweep import expand
-        from dcache.eval.targets import BUILTIN_IMAGE_MODELS
+        from dcache.eval.targets import BUILTIN_IMAGE_MODELS, BUILTIN_VIDEO_MODELS
 
+        if self.task in ("dllm", "video"):
+            raise UsageError(f"dcache eval --task {self.task} is not available yet; accepted: {', '.join(TASKS)} "
+                             f"(dLLMs: dcache bench --task dllm)")
+        if self.task not in TASKS:
+            raise UsageError(f"--task {self.task!r}; accepted: {', '.join(TASKS)}")
+        video = self.task == "ar-video"
+        if video:
+            for flag, value in (("--steps", self.steps), ("--guidance", self.guidance), ("--weights-dir", self.weights_dir),
+                                ("--classes", self.classes), ("--prompts", self.prompts), ("--clip-model", self.clip_model)):
+                if value is not None:
+                    raise UsageError(f"{flag} does not apply to --task ar-video (its sampler and prompts are the model's)")
+            for flag, on in (("--peers", self.peers), ("--fid", self.fid)):
+                if on:
+                    raise UsageError(f"{flag} is not available for --task ar-video yet (fidelity is per frame)")
+            check_number("--num-frames", self.num_frames, 1, integer=True)
+        elif self.steps is None:
+            self.steps = 50
+        if self.policy is None:
+            self.policy = DEFAULT_POLICY[self.task]
         check_out_dir(self.out)
         check_number("--steps", self.steps, 1, integer=True)
         check_number("--guidance", self.guidance, 0)
         check_number("--num-samples", self.num_samples, 1, integer=True)
         check_number("--threads", self.threads, 1, integer=True)
         check_device(self.device)
-        check_model(self.model, BUILTIN_IMAGE_MODELS)
+        check_model(self.model, BUILTIN_VIDEO_MODELS if video else BUILTIN_IMAGE_MODELS)
         check_existing_dir(self.weights_dir, "--weights-dir")
         if self.weights_dir and self.model not in (None, "digits", "scenes"):
             raise UsageError("--weights-dir applies to the built-in models (digits, scenes), not --model " + repr(self.model))
-        policies = check_policy_list(self.policy, "image", "--policy")
+        policies = check_policy_list(self.policy, self.task, "--policy", extra_names=("kv-full",) if video else ())
+        if video:
+            policies = [(n, o) for n, o in policies if n != "kv-full"]  # kv-full is the baseline row
         if self.options:
             if len(policies) != 1:
                 raise UsageError("--option applies to a single --policy; with a list write name(key=value,...)")
@@ -95,9 +119,9 @@ class EvalConfig:
                 k, v = (s.strip() for s in item.split("=", 1))
                 opts[k.replace("-", "_")] = v
             spec = policies[0][0] + "(" + ",".join(f"{k}={v}" for k, v in opts.items()) + ")"
-            policies = check_policy_list(spec, "image", "--option")
+            policies = check_policy_list(spec, self.task, "--option")
         try:
-            self.policies = expand(policies, self.sweep, task="image")
+            self.policies = expand(policies, self.sweep, task=self.task)
         except ValueError as e:
             raise UsageError(str(e)) from None
         self.seed_list = _seeds(self.seeds, self.num_samples)
@@ -176,14 +200,16 @@ def build_parser() -> ArgParser:
     ap.add_argument("--model", default=None,
                     help=f"digits | scenes (embedded), a diffusers pipeline directory or hub id (default: {DEFAULT_IMAGE_MODEL})")
     ap.add_argument("--weights-dir", default=None, help="embedded model: a training --out folder instead of the shipped weights")
-    ap.add_argument("--task", default="image", help="image (dllm and ar-video: use dcache bench --task for now)")
-    ap.add_argument("--policy", default=DEFAULT_POLICY, help="policy list, the shared syntax: name,name(key=value,...)")
+    ap.add_argument("--task", default="image", help="image or ar-video (dLLMs: dcache bench --task dllm for now)")
+    ap.add_argument("--policy", default=None, help="policy list, the shared syntax: name,name(key=value,...) "
+                    "(default: taylorseer for images, kv-rolling,forcing-kv against kv-full for ar-video)")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", dest="options",
                     help="an option of the single --policy (repeatable)")
     ap.add_argument("--sweep", action="append", default=[], metavar="POLICY.KEY=V1,V2",
                     help="run every value (repeatable; several on one policy form a grid)")
     ap.add_argument("--peers", action="store_true", help="also evaluate diffusers' cache hooks and cache-dit")
-    ap.add_argument("--steps", type=int, default=50, help="denoising steps")
+    ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: 50; images only)")
+    ap.add_argument("--num-frames", type=int, default=24, help="ar-video: frames per video")
     ap.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     ap.add_argument("--num-samples", type=int, default=8, help="samples per configuration (seeds 0..N-1)")
     ap.add_argument("--seeds", default=None, help="explicit seeds, e.g. 0-9 or 3,7,11 (overrides --num-samples)")
@@ -204,13 +230,7 @@ def build_parser() -> ArgParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.task != "image":
-        if args.task in ("dllm", "ar-video", "video"):
-            raise UsageError(f"dcache eval --task {args.task} is not available yet; "
-                             f"use dcache bench --task {'ar-video' if args.task == 'video' else args.task}")
-        raise UsageError(f"--task {args.task!r}; accepted: image (dllm, ar-video through dcache bench)")
-    kw = {k: v for k, v in vars(args).items() if k != "task"}
-    cfg = EvalConfig(**kw)
+    cfg = EvalConfig(**vars(args))
     return run(cfg)
 
 
@@ -244,7 +264,10 @@ def _jobs(cfg: EvalConfig, model: Any, metric_fns: dict) -> tuple[list[Job], lis
             return (lambda: None), (lambda: dcache.disable(model.pipe))
         return setup
 
-    jobs = [Job("baseline", "baseline", "baseline", {}, "baseline", lambda: ((lambda: None), (lambda: None)))]
+    if cfg.task == "ar-video":  # the AR pipeline always runs with a KV policy; the full cache is exact
+        jobs = [Job("baseline", "baseline", "kv-full", {}, "baseline (kv-full)", dcache_setup("kv-full", {}))]
+    else:
+        jobs = [Job("baseline", "baseline", "baseline", {}, "baseline", lambda: ((lambda: None), (lambda: None)))]
     for name, opts in cfg.policies:
         lab = report.label(name, opts)
         jobs.append(Job(_slug(lab), "dcache", name, opts, lab, dcache_setup(name, opts)))
@@ -267,7 +290,8 @@ def _jobs(cfg: EvalConfig, model: Any, metric_fns: dict) -> tuple[list[Job], lis
 
 def _run_config(cfg: EvalConfig, jobs: list[Job], conditions: list[Any]) -> dict:
     """What must match for an existing --out to be resumed (outputs depend on all of it)."""
-    return {"model": cfg.model or "default", "weights_dir": cfg.weights_dir, "steps": cfg.steps,
+    return {"task": cfg.task, "model": cfg.model or "default", "weights_dir": cfg.weights_dir, "steps": cfg.steps,
+            "num_frames": cfg.num_frames if cfg.task == "ar-video" else None,
             "guidance": cfg.guidance, "seeds": cfg.seed_list, "conditions": conditions, "device": cfg.device,
             "configs": [{"id": j.id, "source": j.source, "policy": j.policy, "options": j.options} for j in jobs]}
 
@@ -290,7 +314,7 @@ def run(cfg: EvalConfig) -> int:
     from dcache.eval import distribution
     from dcache.eval.measure import count_pass
     from dcache.eval.samples import SampleStore
-    from dcache.eval.targets import load_model
+    from dcache.eval.targets import load_model, load_video_model
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -298,7 +322,8 @@ def run(cfg: EvalConfig) -> int:
     scorers = distribution.prepare(fid=cfg.fid, inception_weights=cfg.inception_weights,
                                    fid_extractor=cfg.fid_extractor, clip_model=cfg.clip_model,
                                    num_samples=len(cfg.seed_list))
-    model = load_model(cfg.model, cfg.device, cfg.weights_dir)
+    model = (load_video_model(cfg.model, cfg.device, cfg.num_frames) if cfg.task == "ar-video"
+             else load_model(cfg.model, cfg.device, cfg.weights_dir))
     n = len(cfg.seed_list)
     base_conds = cfg.conditions if cfg.conditions is not None else model.default_conditions(n)
     if model.conditioning == "prompt" and cfg.classes:
@@ -368,7 +393,8 @@ def run(cfg: EvalConfig) -> int:
         if cuda:
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0
-        store.add_sample(j.id, i, cfg.seed_list[i], img[0], wall_s=wall, threads=torch.get_num_threads())
+        extra = {"fps": model.info.get("fps", 8)} if img.ndim == 5 else {}
+        store.add_sample(j.id, i, cfg.seed_list[i], img[0], wall_s=wall, threads=torch.get_num_threads(), **extra)
         bar.update(1)
 
     # dcache's rows are set up and torn down around every sample (cheap), so they interleave
@@ -471,7 +497,10 @@ def score(cfg: EvalConfig, store: Any, jobs: list[Job], conditions: list[Any], m
         if idx:
             a = torch.stack([store.image(recs[i]) for i in idx])
             b = torch.stack([base_imgs[i] for i in idx])
-            row["psnr"] = metrics.psnr(a, b)
+            if a.ndim == 5:  # video (N, C, F, H, W): every frame is scored, then averaged
+                row["psnr_per_frame"] = [metrics.psnr_capped(a[:, :, f], b[:, :, f]) for f in range(a.shape[2])]
+                a, b = a.transpose(1, 2).flatten(0, 1), b.transpose(1, 2).flatten(0, 1)
+            row["psnr"] = metrics.psnr_capped(a, b)
             row["ssim"] = metrics.ssim(a, b)
             row["lpips"] = metrics.lpips_distance(a, b)
         if model.task_metric is not None:
@@ -498,7 +527,7 @@ CSV_COLUMNS = ["id", "source", "policy", "label", "options", "samples", "wall_s"
 def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
-    if isinstance(v, tuple):
+    if isinstance(v, (tuple, list)):
         return [_clean(x) for x in v]
     return v
 
@@ -530,14 +559,26 @@ def write_outputs(cfg: EvalConfig, rows: list[dict], notes: list[str], store: An
     done = store.finished()
     cols = [i for i in range(len(cfg.seed_list)) if ("baseline", i) in done][:8]
     grid_rows = []
+    video = cfg.task == "ar-video"
+    frames = []
+    if video and cols:  # one video: columns are evenly spaced frames of the first sample
+        nf = store.image(done[("baseline", cols[0])]).shape[1]
+        frames = sorted({round(k * (nf - 1) / 7) for k in range(8)}) if nf > 1 else [0]
     for j in jobs:
-        if all((j.id, i) in done for i in cols) and cols:
+        if video and cols and (j.id, cols[0]) in done:
+            v = store.image(done[(j.id, cols[0])])
+            grid_rows.append((j.label, v[:, frames].transpose(0, 1)))
+        elif not video and cols and all((j.id, i) in done for i in cols):
             grid_rows.append((j.label if j.source in ("dcache", "baseline") else f"{j.source}:{j.label}",
                               torch.stack([store.image(done[(j.id, i)]) for i in cols])))
-    headers = [f"seed {cfg.seed_list[i]}: {model.text(store.config['conditions'][i]) if model.conditioning == 'prompt' else store.config['conditions'][i]}"
-               for i in cols]
+    if video:
+        headers = [f"frame {f}" for f in frames]
+    else:
+        headers = [f"seed {cfg.seed_list[i]}: {model.text(store.config['conditions'][i]) if model.conditioning == 'prompt' else store.config['conditions'][i]}"
+                   for i in cols]
     write_grid(os.path.join(out, "grid.png"), headers, grid_rows)
-    print(f"\n{model.name}, {cfg.steps} steps, {len(cfg.seed_list)} samples, {torch.get_num_threads()} CPU threads")
+    what = f"{cfg.num_frames} frames" if cfg.task == "ar-video" else f"{cfg.steps} steps"
+    print(f"\n{model.name}, {what}, {len(cfg.seed_list)} samples, {torch.get_num_threads()} CPU threads")
     print(_table(rows))
     for nt in notes:
         print(f"note: {nt}")

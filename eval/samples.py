@@ -4,7 +4,7 @@ Layout::
 
     DIR/config.json             what was asked for; a rerun with a different one is refused
     DIR/manifest-<rank>.jsonl   one line per finished sample / per measured configuration
-    DIR/samples/<config>/<index>_seed<seed>.png
+    DIR/samples/<config>/<index>_seed<seed>.png   (video: + .mp4; the PNG holds its frames side by side)
 
 A sample counts as finished only once its manifest line is written, and the line is written
 after the file has been renamed into place, so a kill at any moment loses at most the sample in
@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-__all__ = ["SampleStore", "to_uint8", "save_png", "load_png"]
+__all__ = ["SampleStore", "to_uint8", "save_png", "load_png", "save_mp4", "video_strip", "strip_video"]
 
 CONFIG_FILE = "config.json"
 
@@ -45,6 +45,34 @@ def save_png(image: torch.Tensor, path: str) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     Image.fromarray(to_uint8(image)).save(tmp, format="PNG")
     os.replace(tmp, path)  # atomic: a reader sees the whole file or none
+
+
+def save_mp4(video: torch.Tensor, path: str, fps: int = 8, scale: int = 4) -> None:
+    """(C, F, H, W) in [0, 1] → an MP4 (mp4v, opencv) for people and VBench; upscaled, lossy."""
+    import cv2
+
+    c, f, h, w = video.shape
+    tmp = f"{path}.{os.getpid()}.tmp.mp4"
+    writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w * scale, h * scale))
+    if not writer.isOpened():
+        raise RuntimeError(f"opencv cannot write {path}")
+    for i in range(f):
+        frame = to_uint8(video[:, i])
+        frame = np.repeat(frame[..., None], 3, axis=2) if frame.ndim == 2 else frame[..., ::-1]  # RGB -> BGR
+        writer.write(cv2.resize(np.ascontiguousarray(frame), (w * scale, h * scale), interpolation=cv2.INTER_NEAREST))
+    writer.release()
+    os.replace(tmp, path)
+
+
+def video_strip(video: torch.Tensor) -> torch.Tensor:
+    """(C, F, H, W) → (C, H, F*W): frames side by side, stored losslessly as one PNG."""
+    c, f, h, w = video.shape
+    return video.permute(0, 2, 1, 3).reshape(c, h, f * w)
+
+
+def strip_video(strip: torch.Tensor, frames: int) -> torch.Tensor:
+    c, h, fw = strip.shape
+    return strip.reshape(c, h, frames, fw // frames).permute(0, 2, 1, 3)
 
 
 def load_png(path: str) -> torch.Tensor:
@@ -115,16 +143,25 @@ class SampleStore:
         return out
 
     def image(self, record: dict[str, Any]) -> torch.Tensor:
-        return load_png(os.path.join(self.root, record["file"]))
+        """(C, H, W) for an image sample, (C, F, H, W) for a video (read from its lossless strip)."""
+        x = load_png(os.path.join(self.root, record["file"]))
+        return strip_video(x, record["frames"]) if "frames" in record else x
 
     # -- writing -----------------------------------------------------------------------------
     def sample_path(self, config_id: str, index: int, seed: int) -> str:
         return os.path.join("samples", config_id, f"{index:05d}_seed{seed}.png")
 
     def add_sample(self, config_id: str, index: int, seed: int, image: torch.Tensor, **fields: Any) -> dict:
+        """Write one sample: (C, H, W) → PNG; (C, F, H, W) video → lossless PNG strip + MP4."""
         rel = self.sample_path(config_id, index, seed)
         os.makedirs(os.path.join(self.root, os.path.dirname(rel)), exist_ok=True)
-        save_png(image, os.path.join(self.root, rel))
+        if image.ndim == 4:
+            mp4 = rel[: -len(".png")] + ".mp4"
+            save_mp4(image, os.path.join(self.root, mp4), fps=int(fields.pop("fps", 8)))
+            save_png(video_strip(image), os.path.join(self.root, rel))
+            fields.update(frames=int(image.shape[1]), video=mp4)
+        else:
+            save_png(image, os.path.join(self.root, rel))
         rec = {"kind": "sample", "config": config_id, "index": index, "seed": seed, "file": rel,
                "session": self.session, "rank": self.rank, **fields}
         self._append(rec)

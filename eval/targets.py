@@ -26,7 +26,7 @@ class EvalModel:
     conditioning: str  # "class" or "prompt"
     draw: Callable[[int, Any, int, float | None], torch.Tensor]  # (seed, cond, steps, guidance) -> (1, C, H, W)
     default_conditions: Callable[[int], list[Any]]  # n -> conditions for samples 0..n-1
-    task_metric: Callable[[torch.Tensor, list[Any]], list[bool]] | None = None  # per-sample "did it follow"
+    task_metric: Callable[[torch.Tensor, list[Any]], list[float]] | None = None  # per sample, in [0, 1]
     task_metric_name: str | None = None
     text: Callable[[Any], str] = str  # the caption of a condition (CLIP score)
     separate_cfg: bool = True
@@ -127,3 +127,35 @@ def _diffusers(model: str, device: str) -> EvalModel:
         return [i % 10 for i in range(n)] if conditioning == "class" else [None] * n
 
     return EvalModel(pipe, f"{type(pipe).__name__} from {model}", conditioning, draw, defaults)
+
+
+# -- autoregressive video -----------------------------------------------------------------------
+
+BUILTIN_VIDEO_MODELS = ("reference",)
+
+
+def load_video_model(model: str | None, device: str, num_frames: int) -> EvalModel:
+    """The AR-video pipeline (default: the shipped reference, digits bouncing on a 24x24 canvas).
+
+    ``draw`` returns (1, C, F, H, W) in [0, 1]. No task metric: the digit classifier, trained on
+    32x32 full-frame digits, reads the small bouncing digit of the 24x24 canvas wrongly (0-17% of
+    frames on kv-full samples), so it would not measure anything.
+    """
+    from dcache.pipelines.ar_video.reference import load_reference, sample_prompts
+
+    pipe = load_reference(None if model in (None, "reference") else os.path.expanduser(model))
+    pipe.transformer.to(device)
+    if num_frames % pipe.config.chunk_frames:
+        from dcache.eval.cli_errors import UsageError
+
+        raise UsageError(f"--num-frames must be a multiple of the model's chunk of {pipe.config.chunk_frames} frames, "
+                         f"got {num_frames}")
+
+    def draw(seed: int, prompt: Any, steps: int, guidance: float | None) -> torch.Tensor:
+        out = pipe(prompt=[tuple(prompt)], num_frames=num_frames, seed=seed)
+        return out.frames.float().cpu().clamp(0, 1)
+
+    return EvalModel(pipe, "embedded AR video (WanTransformer3DModel, digit + velocity prompts)", "prompt", draw,
+                     lambda n: [list(p) for p in sample_prompts(n, 0)], None, None,
+                     text=lambda p: f"digit {p[0]} moving ({p[1]}, {p[2]})", separate_cfg=False,
+                     info={"kind": "video", "fps": 8})

@@ -37,6 +37,9 @@ BAD_EVAL = [
     (["--pareto-metric", "beauty"], "--pareto-metric 'beauty'; accepted: psnr"),
     (["--task", "audio"], "--task 'audio'; accepted: image"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--task", "ar-video", "--policy", "taylorseer"], "policy 'taylorseer' is for image models, not ar-video"),
+    (["--task", "ar-video", "--peers"], "--peers is not available for --task ar-video yet"),
+    (["--task", "dllm"], "dcache eval --task dllm is not available yet"),
 ]
 if not torch.cuda.is_available():
     BAD_EVAL.append((["--device", "cuda"], "--device 'cuda' is unavailable: torch sees no CUDA GPU here"))
@@ -73,7 +76,7 @@ def _one_line(capsys):
 def test_bad_eval_input_is_one_line_and_exit_2(args, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no Inception weights there
     out = tmp_path / "out"
-    argv = ["eval", "--steps", "2", "--num-samples", "2", "--out", str(out)] + _fill(args, tmp_path)
+    argv = ["eval", "--num-samples", "2", "--out", str(out)] + _fill(args, tmp_path)
     assert cli(argv) == 2
     line = _one_line(capsys)
     assert line.startswith("dcache eval: error: ") and needle in line, line
