@@ -64,8 +64,11 @@ class EvalConfig:
     inception_weights: str | None = None
     fid_extractor: str | None = None
     clip_model: str | None = None
+    vbench: str | None = None  # comma list of VBench dimensions
+    vbench_python: str | None = None
     pareto_metric: str = "psnr"
     # derived by validate()
+    vbench_dims: list[str] = field(default_factory=list, init=False)
     policies: list[tuple[str, dict]] = field(default_factory=list, init=False)
     seed_list: list[int] = field(default_factory=list, init=False)
     conditions: list[Any] | None = field(default=None, init=False)
@@ -94,6 +97,15 @@ class EvalConfig:
             check_number("--num-frames", self.num_frames, 1, integer=True)
         elif self.steps is None:
             self.steps = 50
+        if self.vbench_python and not self.vbench:
+            raise UsageError("--vbench-python needs --vbench DIMENSIONS (e.g. --vbench subject_consistency,motion_smoothness)")
+        if self.vbench:
+            from dcache.eval import vbench
+
+            if not video:
+                raise UsageError("--vbench scores videos: use it with --task ar-video")
+            self.vbench_dims = vbench.check_dimensions(self.vbench)
+            self.vbench_python = vbench.check_python(self.vbench_python)
         if self.policy is None:
             self.policy = DEFAULT_POLICY[self.task]
         check_out_dir(self.out)
@@ -224,6 +236,10 @@ def build_parser() -> ArgParser:
     ap.add_argument("--fid-extractor", default=None, metavar="FILE",
                     help="a TorchScript feature extractor for FID/KID instead of Inception")
     ap.add_argument("--clip-model", default=None, help="CLIP score with this hub id or local directory")
+    ap.add_argument("--vbench", default=None, metavar="DIMS",
+                    help="ar-video: VBench dimensions to score, e.g. subject_consistency,motion_smoothness")
+    ap.add_argument("--vbench-python", default=None, metavar="PATH",
+                    help="the python of a separate environment with VBench installed (it pins old transformers/numpy)")
     ap.add_argument("--pareto-metric", default="psnr", help=f"quality axis of pareto.png: {', '.join(PARETO_METRICS)}")
     return ap
 
@@ -443,6 +459,8 @@ def run(cfg: EvalConfig) -> int:
         state.wait_for_everyone()
     if rank == 0:
         rows = score(cfg, store, jobs, conditions, model, scorers, notes)
+        if cfg.vbench:
+            _vbench(cfg, store, rows, model, conditions)
         write_outputs(cfg, rows, notes, store, jobs, model)
     if state:
         state.wait_for_everyone()
@@ -452,6 +470,22 @@ def run(cfg: EvalConfig) -> int:
 
 
 # -- scoring ----------------------------------------------------------------------------------
+
+def _vbench(cfg: EvalConfig, store: Any, rows: list[dict], model: Any, conditions: list[Any]) -> None:
+    """VBench dimension scores per row, run in the user's VBench environment (dcache.eval.vbench)."""
+    from dcache.eval import vbench
+
+    done = store.finished()
+    for row in rows:
+        recs = sorted((r for (cid, _), r in done.items() if cid == row["id"]), key=lambda r: r["index"])
+        videos = [(os.path.join(cfg.out, r["video"]), model.text(conditions[r["index"]])) for r in recs]
+        folder = os.path.join(cfg.out, "vbench", "videos", row["id"])
+        vbench.layout(videos, folder)
+        scores = vbench.run(cfg.vbench_python, folder, cfg.vbench_dims, os.path.join(cfg.out, "vbench", "results"),
+                            row["id"])
+        for d, v in scores.items():
+            row[f"vbench_{d}"] = v
+
 
 def score(cfg: EvalConfig, store: Any, jobs: list[Job], conditions: list[Any], model: Any, scorers: Any,
           notes: list[str]) -> list[dict]:
@@ -549,10 +583,11 @@ def write_outputs(cfg: EvalConfig, rows: list[dict], notes: list[str], store: An
     os.replace(tmp, os.path.join(out, "results.json"))
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(CSV_COLUMNS)
+        columns = CSV_COLUMNS + sorted({k for r in rows for k in r if k.startswith("vbench_")})
+        w.writerow(columns)
         for r in rows:
             w.writerow([json.dumps(r[c], sort_keys=True) if isinstance(r.get(c), dict)
-                        else ("" if r.get(c) is None else _clean(r.get(c))) for c in CSV_COLUMNS])
+                        else ("" if r.get(c) is None else _clean(r.get(c))) for c in columns])
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(_markdown(rows) + "\n")
     pareto.plot(os.path.join(out, "pareto.png"), rows, cfg.pareto_metric)
@@ -601,7 +636,8 @@ def _fmt(v: Any) -> str:
 
 
 def _cols(rows: list[dict]) -> list[tuple[str, str]]:
-    return [(k, h) for k, h in TABLE if any(r.get(k) is not None for r in rows)]
+    extra = sorted({k for r in rows for k in r if k.startswith("vbench_")})
+    return [(k, h) for k, h in TABLE if any(r.get(k) is not None for r in rows)] + [(k, k[7:]) for k in extra]
 
 
 def _table(rows: list[dict]) -> str:

@@ -40,6 +40,10 @@ BAD_EVAL = [
     (["--task", "ar-video", "--policy", "taylorseer"], "policy 'taylorseer' is for image models, not ar-video"),
     (["--task", "ar-video", "--peers"], "--peers is not available for --task ar-video yet"),
     (["--task", "dllm"], "dcache eval --task dllm is not available yet"),
+    (["--task", "ar-video", "--vbench", "subject_consistency"], "--vbench needs --vbench-python PATH. VBench needs its own"),
+    (["--task", "ar-video", "--vbench", "beauty"], "unknown dimension(s) ['beauty']; accepted on custom videos:"),
+    (["--vbench", "subject_consistency"], "--vbench scores videos: use it with --task ar-video"),
+    (["--task", "ar-video", "--steps", "4"], "--steps does not apply to --task ar-video"),
 ]
 if not torch.cuda.is_available():
     BAD_EVAL.append((["--device", "cuda"], "--device 'cuda' is unavailable: torch sees no CUDA GPU here"))
