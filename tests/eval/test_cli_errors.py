@@ -108,7 +108,7 @@ def test_version_and_help(capsys):
     assert capsys.readouterr().out.strip() == f"dcache {dcache.__version__}"
     assert cli(["eval", "--help"]) == 0
     text = capsys.readouterr().out
-    assert "(default: 50)" in text and "examples:" in text and "--sweep teacache.threshold" in text
+    assert "(default: 50; images only)" in text and "(default: 8)" in text and "examples:" in text and "--sweep teacache.threshold" in text
 
 
 def test_policies_by_task(capsys):
