@@ -34,9 +34,10 @@ EXAMPLES = """examples:
 Kill it at any time (Ctrl-C): the same command with the same --out resumes; finished samples are
 kept. Output: OUT/results.json, results.csv, results.md, pareto.png, grid.png, samples/."""
 
-DEFAULT_POLICY = {"image": "taylorseer", "ar-video": "kv-rolling,forcing-kv"}
-TASKS = ("image", "ar-video")
-PARETO_METRICS = ("psnr", "ssim", "lpips", "task", "fid", "kid", "clip_score")
+DEFAULT_POLICY = {"image": "taylorseer", "ar-video": "kv-rolling,forcing-kv",
+                  "dllm": "dkv(variant=decode,refresh_interval=8),dual-cache(threshold=0.9)"}
+TASKS = ("image", "ar-video", "dllm")
+PARETO_METRICS = ("psnr", "ssim", "lpips", "task", "token_agreement", "fid", "kid", "clip_score")
 
 
 @dataclass
@@ -53,6 +54,8 @@ class EvalConfig:
     peers: bool = False
     steps: int | None = None  # default 50 (images); the AR-video sampler has its own fixed steps
     num_frames: int = 24
+    gen_length: int = 64
+    block_length: int = 32
     guidance: float | None = None
     num_samples: int = 8
     seeds: str | None = None
@@ -80,13 +83,26 @@ class EvalConfig:
         from dcache.eval.sweep import expand
         from dcache.eval.targets import BUILTIN_IMAGE_MODELS, BUILTIN_VIDEO_MODELS
 
-        if self.task in ("dllm", "video"):
-            raise UsageError(f"dcache eval --task {self.task} is not available yet; accepted: {', '.join(TASKS)} "
-                             f"(dLLMs: dcache bench --task dllm)")
         if self.task not in TASKS:
             raise UsageError(f"--task {self.task!r}; accepted: {', '.join(TASKS)}")
         video = self.task == "ar-video"
-        if video:
+        if self.task == "dllm":
+            for flag, value in (("--steps", self.steps), ("--guidance", self.guidance), ("--weights-dir", self.weights_dir),
+                                ("--classes", self.classes), ("--prompts", self.prompts), ("--clip-model", self.clip_model),
+                                ("--vbench", self.vbench)):
+                if value is not None:
+                    raise UsageError(f"{flag} does not apply to --task dllm (one token per step on the model's own task)")
+            for flag, on in (("--peers", self.peers), ("--fid", self.fid)):
+                if on:
+                    raise UsageError(f"{flag} does not apply to --task dllm")
+            check_number("--gen-length", self.gen_length, 1, integer=True)
+            check_number("--block-length", self.block_length, 1, integer=True)
+            if self.gen_length % self.block_length:
+                raise UsageError(f"--gen-length {self.gen_length} must be a multiple of --block-length {self.block_length}")
+            check_existing_dir(self.model, "--model")
+            if self.pareto_metric == "psnr":
+                self.pareto_metric = "task"
+        elif video:
             for flag, value in (("--steps", self.steps), ("--guidance", self.guidance), ("--weights-dir", self.weights_dir),
                                 ("--classes", self.classes), ("--prompts", self.prompts), ("--clip-model", self.clip_model)):
                 if value is not None:
@@ -114,7 +130,8 @@ class EvalConfig:
         check_number("--num-samples", self.num_samples, 1, integer=True)
         check_number("--threads", self.threads, 1, integer=True)
         check_device(self.device)
-        check_model(self.model, BUILTIN_VIDEO_MODELS if video else BUILTIN_IMAGE_MODELS)
+        if self.task != "dllm":
+            check_model(self.model, BUILTIN_VIDEO_MODELS if video else BUILTIN_IMAGE_MODELS)
         check_existing_dir(self.weights_dir, "--weights-dir")
         if self.weights_dir and self.model not in (None, "digits", "scenes"):
             raise UsageError("--weights-dir applies to the built-in models (digits, scenes), not --model " + repr(self.model))
@@ -212,7 +229,7 @@ def build_parser() -> ArgParser:
     ap.add_argument("--model", default=None,
                     help=f"digits | scenes (embedded), a diffusers pipeline directory or hub id (default: {DEFAULT_IMAGE_MODEL})")
     ap.add_argument("--weights-dir", default=None, help="embedded model: a training --out folder instead of the shipped weights")
-    ap.add_argument("--task", default="image", help="image or ar-video (dLLMs: dcache bench --task dllm for now)")
+    ap.add_argument("--task", default="image", help="image, ar-video or dllm")
     ap.add_argument("--policy", default=None, help="policy list, the shared syntax: name,name(key=value,...) "
                     "(default: taylorseer for images, kv-rolling,forcing-kv against kv-full for ar-video)")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", dest="options",
@@ -222,6 +239,8 @@ def build_parser() -> ArgParser:
     ap.add_argument("--peers", action="store_true", help="also evaluate diffusers' cache hooks and cache-dit")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: 50; images only)")
     ap.add_argument("--num-frames", type=int, default=24, help="ar-video: frames per video")
+    ap.add_argument("--gen-length", type=int, default=64, help="dllm: tokens generated per problem")
+    ap.add_argument("--block-length", type=int, default=32, help="dllm: semi-autoregressive block size")
     ap.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     ap.add_argument("--num-samples", type=int, default=8, help="samples per configuration (seeds 0..N-1)")
     ap.add_argument("--seeds", default=None, help="explicit seeds, e.g. 0-9 or 3,7,11 (overrides --num-samples)")
@@ -308,6 +327,7 @@ def _run_config(cfg: EvalConfig, jobs: list[Job], conditions: list[Any]) -> dict
     """What must match for an existing --out to be resumed (outputs depend on all of it)."""
     return {"task": cfg.task, "model": cfg.model or "default", "weights_dir": cfg.weights_dir, "steps": cfg.steps,
             "num_frames": cfg.num_frames if cfg.task == "ar-video" else None,
+            "gen_length": [cfg.gen_length, cfg.block_length] if cfg.task == "dllm" else None,
             "guidance": cfg.guidance, "seeds": cfg.seed_list, "conditions": conditions, "device": cfg.device,
             "configs": [{"id": j.id, "source": j.source, "policy": j.policy, "options": j.options} for j in jobs]}
 
@@ -330,7 +350,7 @@ def run(cfg: EvalConfig) -> int:
     from dcache.eval import distribution
     from dcache.eval.measure import count_pass
     from dcache.eval.samples import SampleStore
-    from dcache.eval.targets import load_model, load_video_model
+    from dcache.eval.targets import load_dllm_model, load_model, load_video_model
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -338,10 +358,16 @@ def run(cfg: EvalConfig) -> int:
     scorers = distribution.prepare(fid=cfg.fid, inception_weights=cfg.inception_weights,
                                    fid_extractor=cfg.fid_extractor, clip_model=cfg.clip_model,
                                    num_samples=len(cfg.seed_list))
-    model = (load_video_model(cfg.model, cfg.device, cfg.num_frames) if cfg.task == "ar-video"
-             else load_model(cfg.model, cfg.device, cfg.weights_dir))
+    if cfg.task == "ar-video":
+        model = load_video_model(cfg.model, cfg.device, cfg.num_frames)
+    elif cfg.task == "dllm":
+        model = load_dllm_model(cfg.model, cfg.device, cfg.gen_length, cfg.block_length)
+    else:
+        model = load_model(cfg.model, cfg.device, cfg.weights_dir)
     n = len(cfg.seed_list)
     base_conds = cfg.conditions if cfg.conditions is not None else model.default_conditions(n)
+    if cfg.task == "dllm":
+        base_conds = list(cfg.seed_list)  # the problem is drawn from the sample's seed
     if model.conditioning == "prompt" and cfg.classes:
         raise UsageError(f"--model {cfg.model or 'default'} takes prompts (--prompts FILE), not --classes")
     if model.conditioning == "class" and cfg.prompts:
@@ -506,7 +532,7 @@ def score(cfg: EvalConfig, store: Any, jobs: list[Job], conditions: list[Any], m
     idx_all = sorted(base_recs)
     base_imgs = {i: store.image(base_recs[i]) for i in idx_all}
     lp_ok, lp_note = metrics.lpips_status()
-    if not lp_ok:
+    if not lp_ok and cfg.task != "dllm":
         notes.append(lp_note)
     notes += scorers.notes
     base_flops = measured.get("baseline", {}).get("flops")
@@ -528,7 +554,11 @@ def score(cfg: EvalConfig, store: Any, jobs: list[Job], conditions: list[Any], m
         row["flops"] = m.get("flops")
         row["computed_fraction"] = (m["flops"] / base_flops) if m.get("flops") is not None and base_flops else None
         row["peak_mem_bytes"] = m.get("peak_mem_bytes")
-        if idx:
+        if idx and not imgs.is_floating_point():  # text: share of tokens equal to the baseline's
+            a = torch.stack([store.image(recs[i]) for i in idx])
+            b = torch.stack([base_imgs[i] for i in idx])
+            row["token_agreement"] = float((a == b).float().mean())
+        elif idx:
             a = torch.stack([store.image(recs[i]) for i in idx])
             b = torch.stack([base_imgs[i] for i in idx])
             if a.ndim == 5:  # video (N, C, F, H, W): every frame is scored, then averaged
@@ -555,7 +585,7 @@ def score(cfg: EvalConfig, store: Any, jobs: list[Job], conditions: list[Any], m
 
 CSV_COLUMNS = ["id", "source", "policy", "label", "options", "samples", "wall_s", "speedup", "speedup_median",
                "timed_pairs", "timing_note", "flops", "computed_fraction", "peak_mem_bytes", "psnr", "ssim", "lpips",
-               "task", "task_metric", "fid", "kid", "kid_std", "clip_score"]
+               "token_agreement", "task", "task_metric", "fid", "kid", "kid_std", "clip_score"]
 
 
 def _clean(v: Any) -> Any:
@@ -569,8 +599,7 @@ def _clean(v: Any) -> Any:
 def write_outputs(cfg: EvalConfig, rows: list[dict], notes: list[str], store: Any, jobs: list[Job], model: Any) -> None:
     import torch
 
-    from dcache.eval import pareto, report
-    from dcache.eval.grid import write_grid
+    from dcache.eval import pareto
 
     out = cfg.out
     meta = {"model": model.name, "steps": cfg.steps, "guidance": cfg.guidance, "seeds": cfg.seed_list,
@@ -592,6 +621,48 @@ def write_outputs(cfg: EvalConfig, rows: list[dict], notes: list[str], store: An
         f.write(_markdown(rows) + "\n")
     pareto.plot(os.path.join(out, "pareto.png"), rows, cfg.pareto_metric)
     done = store.finished()
+    if cfg.task == "dllm":
+        _write_text_samples(cfg, store, jobs, model, done)
+    else:
+        _write_grid(cfg, store, jobs, model, done)
+    what = {"ar-video": f"{cfg.num_frames} frames", "dllm": f"{cfg.gen_length} tokens, block {cfg.block_length}"}.get(
+        cfg.task, f"{cfg.steps} steps")
+    print(f"\n{model.name}, {what}, {len(cfg.seed_list)} samples, {torch.get_num_threads()} CPU threads")
+    print(_table(rows))
+    for nt in notes:
+        print(f"note: {nt}")
+    figs = "pareto.png" if cfg.task == "dllm" else "pareto.png, grid.png"
+    print(f"\nwrote results.json, results.csv, results.md, {figs} in {out}")
+
+
+def _write_text_samples(cfg: EvalConfig, store: Any, jobs: list[Job], model: Any, done: dict) -> None:
+    """samples/<config>.jsonl rewritten in index order, one line per sample, with its verdict."""
+    problem, render = model.info["problem"], model.info["render"]
+    for j in jobs:
+        recs = sorted((r for (cid, _), r in done.items() if cid == j.id), key=lambda r: r["index"])
+        path = os.path.join(cfg.out, "samples", f"{j.id}.jsonl")
+        with open(path + ".tmp", "w") as f:
+            for r in recs:
+                prompt, answer = problem(r["seed"])
+                out = torch_tensor(r["output"])
+                f.write(json.dumps({"index": r["index"], "seed": r["seed"], "prompt": render(prompt[0]),
+                                    "output": render(out), "answer": render(answer[0]),
+                                    "correct": bool((out == answer[0]).all()), "tokens": r["output"]}) + "\n")
+        os.replace(path + ".tmp", path)
+
+
+def torch_tensor(values: list[int]):
+    import torch
+
+    return torch.tensor(values, dtype=torch.long)
+
+
+def _write_grid(cfg: EvalConfig, store: Any, jobs: list[Job], model: Any, done: dict) -> None:
+    import torch
+
+    from dcache.eval.grid import write_grid
+
+    out = cfg.out
     cols = [i for i in range(len(cfg.seed_list)) if ("baseline", i) in done][:8]
     grid_rows = []
     video = cfg.task == "ar-video"
@@ -609,19 +680,15 @@ def write_outputs(cfg: EvalConfig, rows: list[dict], notes: list[str], store: An
     if video:
         headers = [f"frame {f}" for f in frames]
     else:
-        headers = [f"seed {cfg.seed_list[i]}: {model.text(store.config['conditions'][i]) if model.conditioning == 'prompt' else store.config['conditions'][i]}"
-                   for i in cols]
+        conds = store.config["conditions"]
+        headers = [f"seed {cfg.seed_list[i]}, " + (model.text(conds[i]) if model.conditioning == "prompt"
+                                                   else f"class {conds[i]}") for i in cols]
     write_grid(os.path.join(out, "grid.png"), headers, grid_rows)
-    what = f"{cfg.num_frames} frames" if cfg.task == "ar-video" else f"{cfg.steps} steps"
-    print(f"\n{model.name}, {what}, {len(cfg.seed_list)} samples, {torch.get_num_threads()} CPU threads")
-    print(_table(rows))
-    for nt in notes:
-        print(f"note: {nt}")
-    print(f"\nwrote results.json, results.csv, results.md, pareto.png, grid.png in {out}")
 
 
 TABLE = [("source", "source"), ("label", "policy"), ("wall_s", "s/sample"), ("speedup", "speedup"),
-         ("computed_fraction", "computed"), ("psnr", "psnr"), ("ssim", "ssim"), ("lpips", "lpips"), ("task", "task"),
+         ("computed_fraction", "computed"), ("psnr", "psnr"), ("ssim", "ssim"), ("lpips", "lpips"),
+         ("token_agreement", "same_tokens"), ("task", "task"),
          ("fid", "fid"), ("kid", "kid"), ("clip_score", "clip")]
 
 

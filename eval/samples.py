@@ -144,6 +144,8 @@ class SampleStore:
 
     def image(self, record: dict[str, Any]) -> torch.Tensor:
         """(C, H, W) for an image sample, (C, F, H, W) for a video (read from its lossless strip)."""
+        if "output" in record:
+            return torch.tensor(record["output"], dtype=torch.long)
         x = load_png(os.path.join(self.root, record["file"]))
         return strip_video(x, record["frames"]) if "frames" in record else x
 
@@ -152,15 +154,24 @@ class SampleStore:
         return os.path.join("samples", config_id, f"{index:05d}_seed{seed}.png")
 
     def add_sample(self, config_id: str, index: int, seed: int, image: torch.Tensor, **fields: Any) -> dict:
-        """Write one sample: (C, H, W) → PNG; (C, F, H, W) video → lossless PNG strip + MP4."""
+        """Write one sample: (C, H, W) → PNG; (C, F, H, W) video → lossless PNG strip + MP4;
+        integer token ids → a line of ``samples/<config>.jsonl`` (and the ids in the manifest)."""
         rel = self.sample_path(config_id, index, seed)
-        os.makedirs(os.path.join(self.root, os.path.dirname(rel)), exist_ok=True)
-        if image.ndim == 4:
+        if not image.is_floating_point():  # text: token ids, one JSONL line per finished sample
+            rel = os.path.join("samples", f"{config_id}.jsonl")
+            os.makedirs(os.path.join(self.root, "samples"), exist_ok=True)
+            line = {"index": index, "seed": seed, "output": image.flatten().tolist()}
+            with open(os.path.join(self.root, rel), "a") as f:
+                f.write(json.dumps(line) + "\n")
+            fields["output"] = line["output"]
+        elif image.ndim == 4:
+            os.makedirs(os.path.join(self.root, os.path.dirname(rel)), exist_ok=True)
             mp4 = rel[: -len(".png")] + ".mp4"
             save_mp4(image, os.path.join(self.root, mp4), fps=int(fields.pop("fps", 8)))
             save_png(video_strip(image), os.path.join(self.root, rel))
             fields.update(frames=int(image.shape[1]), video=mp4)
         else:
+            os.makedirs(os.path.join(self.root, os.path.dirname(rel)), exist_ok=True)
             save_png(image, os.path.join(self.root, rel))
         rec = {"kind": "sample", "config": config_id, "index": index, "seed": seed, "file": rel,
                "session": self.session, "rank": self.rank, **fields}

@@ -159,3 +159,36 @@ def load_video_model(model: str | None, device: str, num_frames: int) -> EvalMod
                      lambda n: [list(p) for p in sample_prompts(n, 0)], None, None,
                      text=lambda p: f"digit {p[0]} moving ({p[1]}, {p[2]})", separate_cfg=False,
                      info={"kind": "video", "fps": 8})
+
+
+# -- diffusion language models ------------------------------------------------------------------
+
+def load_dllm_model(model: str | None, device: str, gen_length: int, block_length: int) -> EvalModel:
+    """A LLaDA-style dLLM (default: the shipped cipher reference model) on its cipher task.
+
+    Sample ``i`` is the problem drawn with seed ``seeds[i]``; ``draw`` returns the generated canvas
+    (1, gen_length) as token ids (LLaDA low-confidence remasking, one token per step). The task
+    metric is exact match of the whole canvas with the answer.
+    """
+    from dcache.eval.bench_dllm import default_model_dir
+    from dcache.pipelines.dllm import tasks
+    from dcache.pipelines.dllm.generate import llada_generate
+    from dcache.pipelines.dllm.modeling import LLaDAModelLM
+
+    lm = LLaDAModelLM.from_pretrained(os.path.expanduser(model) if model else default_model_dir(), device=device)
+    n_range = (max(1, gen_length * 3 // 4), min(gen_length, tasks.FIELD))
+
+    def problem(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return tasks.make_problems(1, gen_length=gen_length, n_range=n_range, seed=seed)
+
+    def draw(seed: int, cond: Any, steps: int, guidance: float | None) -> torch.Tensor:
+        prompt, _ = problem(seed)
+        out = llada_generate(lm, prompt.to(device), gen_length=gen_length, block_length=block_length, steps=gen_length)
+        return out.sequences.cpu()
+
+    def exact(outputs: torch.Tensor, seeds: list[Any]) -> list[float]:
+        return [float(tasks.exact_match(o[None], problem(int(s))[1])) for o, s in zip(outputs, seeds)]
+
+    return EvalModel(lm, "embedded dLLM (LLaDA-style, cipher task)", "problem", draw, lambda n: list(range(n)),
+                     exact, "exact_match", text=lambda s: tasks.render(problem(int(s))[0][0]),
+                     info={"kind": "text", "render": tasks.render, "problem": problem})
