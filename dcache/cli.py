@@ -61,7 +61,7 @@ def _route(argv: list[str], out_hint: dict) -> int:
         print(_version())
         return 0
     cmd, rest = argv[0], argv[1:]
-    out_hint["value"] = _peek(rest, "--out")
+    out_hint["value"] = _peek(rest, "--out") or ("dcache-eval" if cmd == "eval" else None)
     if cmd == "policies":
         ap = ArgParser(prog="dcache policies", description="List the policies, optionally of one task.")
         ap.add_argument("--task", default=None, choices=sorted(BENCH_TASKS), help="only this task's policies")

@@ -325,7 +325,10 @@ def _jobs(cfg: EvalConfig, model: Any, metric_fns: dict) -> tuple[list[Job], lis
 
 def _run_config(cfg: EvalConfig, jobs: list[Job], conditions: list[Any]) -> dict:
     """What must match for an existing --out to be resumed (outputs depend on all of it)."""
-    return {"task": cfg.task, "model": cfg.model or "default", "weights_dir": cfg.weights_dir, "steps": cfg.steps,
+    from dcache.eval.targets import DEFAULT_IMAGE_MODEL
+
+    model = cfg.model or (DEFAULT_IMAGE_MODEL if cfg.task == "image" else "reference")
+    return {"task": cfg.task, "model": model, "weights_dir": cfg.weights_dir, "steps": cfg.steps,
             "num_frames": cfg.num_frames if cfg.task == "ar-video" else None,
             "gen_length": [cfg.gen_length, cfg.block_length] if cfg.task == "dllm" else None,
             "guidance": cfg.guidance, "seeds": cfg.seed_list, "conditions": conditions, "device": cfg.device,
@@ -354,7 +357,12 @@ def run(cfg: EvalConfig) -> int:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    # Everything that can refuse does so before the first sample: metric weights, then the model.
+    # Everything that can refuse does so before the first sample: a changed configuration in an
+    # existing --out, metric weights, then the model (the full configuration is checked again below).
+    from dcache.eval.samples import check_config
+
+    partial = _run_config(cfg, [], None)
+    check_config(cfg.out, {k: v for k, v in partial.items() if k not in ("configs", "conditions")})
     scorers = distribution.prepare(fid=cfg.fid, inception_weights=cfg.inception_weights,
                                    fid_extractor=cfg.fid_extractor, clip_model=cfg.clip_model,
                                    num_samples=len(cfg.seed_list))

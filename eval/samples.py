@@ -84,6 +84,18 @@ def load_png(path: str) -> torch.Tensor:
     return t[None] if t.ndim == 2 else t.permute(2, 0, 1)
 
 
+def check_config(root: str, config: dict[str, Any]) -> None:
+    """Refuse early (before any model is loaded) when ``root`` holds a run whose ``config`` keys differ."""
+    path = os.path.join(root, CONFIG_FILE)
+    if not os.path.exists(path):
+        return
+    old = json.load(open(path))
+    diff = sorted(k for k in config if old.get(k) != config[k])
+    if diff:
+        raise ValueError(f"--out {root!r} holds a run with a different configuration ({', '.join(diff)} differ); "
+                         f"use a new --out, or the same options to resume")
+
+
 class SampleStore:
     """Finished samples of one output directory; ``rank`` names this process's manifest."""
 

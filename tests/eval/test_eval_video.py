@@ -10,6 +10,7 @@ from PIL import Image
 from dcache.cli import main as cli
 
 
+@pytest.mark.slow  # the AR-video reference at 9 frames x 2 samples x 2 rows: ~50 s on a busy 2-core machine
 def test_ar_video_eval_writes_mp4_and_scores_every_frame(tmp_path):
     import cv2
 
