@@ -71,3 +71,22 @@ def lpips_distance(a: torch.Tensor, b: torch.Tensor) -> float | None:
         x, y = x.repeat(1, 3, 1, 1), y.repeat(1, 3, 1, 1)
     with torch.no_grad():
         return float(_lpips_model(x * 2 - 1, y * 2 - 1).mean())
+
+
+PSNR_CAP_DB = 100.0
+
+
+def psnr_capped(a: torch.Tensor, b: torch.Tensor, cap: float = PSNR_CAP_DB) -> float:
+    """Mean per-sample PSNR where an identical sample counts as ``cap`` dB (TeaCache's convention
+    for per-frame PSNR); +inf only when every sample is identical.
+
+    A plain mean turns into +inf as soon as one sample (one early video frame, say) is identical,
+    hiding the drift of all the others.
+    """
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    _check(a, b)
+    vals = [float(peak_signal_noise_ratio(x[None].float(), y[None].float(), data_range=1.0)) for x, y in zip(a, b)]
+    if all(v == float("inf") for v in vals):
+        return float("inf")
+    return sum(min(v, cap) for v in vals) / len(vals)

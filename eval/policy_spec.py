@@ -14,7 +14,7 @@ import ast
 import re
 from typing import Any
 
-__all__ = ["parse_policies", "format_policy"]
+__all__ = ["parse_policies", "format_policy", "split_list", "literal"]
 
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_\-]*")
 
@@ -98,3 +98,13 @@ def format_policy(name: str, opts: dict[str, Any]) -> str:
     if not opts:
         return name
     return f"{name}({','.join(f'{k}={v!r}' for k, v in opts.items())})"
+
+
+def split_list(text: str, what: str) -> list[str]:
+    """Split ``a,b,(c,d)`` on commas outside brackets; unbalanced brackets are a ValueError."""
+    return [p.strip() for p in _split_top(text, what)]
+
+
+def literal(raw: str) -> Any:
+    """A Python literal (``0.2``, ``True``, ``(1, 2)``), else the bare word as a string."""
+    return _value(raw.strip())

@@ -56,13 +56,14 @@ def test_bench_local_pipeline_directory(tmp_path, tiny_pipes):
     assert rows[1]["computed_fraction"] < 1
 
 
-def test_bench_rejects_bad_arguments(tmp_path):
-    with pytest.raises(SystemExit):
-        cli(["bench", "--steps", "1", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit):
-        cli(["bench", "--policies", "bogus", "--out", str(tmp_path)])
-    with pytest.raises(ValueError, match="cannot load a diffusers pipeline"):
-        cli(["bench", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)])
+def test_bench_rejects_bad_arguments(tmp_path, capsys):
+    # One line and exit code 2, before anything runs (the full table is tests/eval/test_cli_errors.py).
+    assert cli(["bench", "--steps", "1", "--out", str(tmp_path)]) == 2
+    assert "--steps must be at least 2" in capsys.readouterr().err
+    assert cli(["bench", "--policies", "bogus", "--out", str(tmp_path)]) == 2
+    assert "unknown policy 'bogus'" in capsys.readouterr().err
+    assert cli(["bench", "--model", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+    assert "no such directory" in capsys.readouterr().err
 
 
 def test_bench_peers_rows_are_marked_with_their_source(tmp_path):

@@ -1,0 +1,194 @@
+"""The models ``dcache eval`` can generate from, behind one small interface.
+
+A :class:`EvalModel` draws one sample for (seed, condition); a condition is a class label or a
+prompt. Built-in models also carry their task metric (is the sample what was asked for?).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+# The model `dcache eval` uses with no --model. Issue #16's prompt-conditioned scenes model
+# becomes the default once it is merged: flip this one constant to "scenes".
+DEFAULT_IMAGE_MODEL = "digits"
+BUILTIN_IMAGE_MODELS = ("digits", "scenes")
+
+
+@dataclass
+class EvalModel:
+    pipe: Any
+    name: str
+    conditioning: str  # "class" or "prompt"
+    draw: Callable[[int, Any, int, float | None], torch.Tensor]  # (seed, cond, steps, guidance) -> (1, C, H, W)
+    default_conditions: Callable[[int], list[Any]]  # n -> conditions for samples 0..n-1
+    task_metric: Callable[[torch.Tensor, list[Any]], list[float]] | None = None  # per sample, in [0, 1]
+    task_metric_name: str | None = None
+    text: Callable[[Any], str] = str  # the caption of a condition (CLIP score)
+    separate_cfg: bool = True
+    info: dict = field(default_factory=dict)
+
+
+def _as_images(out: Any) -> torch.Tensor:
+    from dcache.eval.bench_image import _as_images as as_images
+
+    return as_images(out)
+
+
+def load_model(model: str | None, device: str, weights_dir: str | None = None) -> EvalModel:
+    model = model or DEFAULT_IMAGE_MODEL
+    if model == "digits":
+        return _digits(device, weights_dir)
+    if model == "scenes":
+        return _scenes(device, weights_dir)
+    return _diffusers(model, device)
+
+
+def _digits(device: str, weights_dir: str | None) -> EvalModel:
+    from dcache.pipelines.zoo.digit_classifier import load_digit_classifier
+    from dcache.pipelines.zoo.reference import load_reference_pipeline
+
+    pipe = load_reference_pipeline(device=device, weights_dir=weights_dir)
+    pipe.set_progress_bar_config(disable=True)
+    clf = load_digit_classifier(device=device)
+
+    def draw(seed: int, label: Any, steps: int, guidance: float | None) -> torch.Tensor:
+        out = pipe(class_labels=[int(label)], num_inference_steps=steps,
+                   guidance_scale=4.0 if guidance is None else guidance,
+                   generator=torch.Generator(device).manual_seed(seed), output_type="pt")
+        return _as_images(out)
+
+    def correct(images: torch.Tensor, labels: list[Any]) -> list[bool]:
+        pred = clf.score(images)
+        return [bool(p == int(c)) for p, c in zip(pred.tolist(), labels)]
+
+    return EvalModel(pipe, "embedded digits (FluxTransformer2DModel, class-conditional)", "class", draw,
+                     lambda n: [i % 10 for i in range(n)], correct, "class_accuracy",
+                     text=lambda c: f"a handwritten digit {c}", info={"num_classes": 10})
+
+
+def _scenes(device: str, weights_dir: str | None) -> EvalModel:
+    try:
+        from dcache.pipelines.zoo.scenes import check_adherence, load_scenes_pipeline, sample_prompts
+    except ImportError:
+        raise ValueError("--model scenes is not in this build yet (issue #16); use --model digits") from None
+    pipe = load_scenes_pipeline(device=device, dtype=torch.float32, weights_dir=weights_dir)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+
+    def draw(seed: int, prompt: Any, steps: int, guidance: float | None) -> torch.Tensor:
+        kw: dict[str, Any] = {"num_inference_steps": steps, "output_type": "pt",
+                              "generator": torch.Generator(device).manual_seed(seed)}
+        if guidance is not None:
+            kw["guidance_scale"] = guidance
+        return _as_images(pipe(str(prompt), **kw))
+
+    def adherent(images: torch.Tensor, prompts: list[Any]) -> list[bool]:
+        return [bool(r["whole"]) for r in check_adherence(images, [str(p) for p in prompts])]
+
+    return EvalModel(pipe, "embedded scenes (FluxTransformer2DModel, prompt-conditioned)", "prompt", draw,
+                     lambda n: list(sample_prompts(n, 0)), adherent, "prompt_adherence")
+
+
+def _diffusers(model: str, device: str) -> EvalModel:
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(os.path.expanduser(model)).to(device)
+    except Exception as e:  # noqa: BLE001 - report any loading failure the same way
+        raise ValueError(f"--model {model!r}: cannot load a diffusers pipeline: {str(e).splitlines()[0]}") from None
+    pipe.set_progress_bar_config(disable=True)
+    params = inspect.signature(type(pipe).__call__).parameters
+    if "prompt" in params:
+        conditioning = "prompt"
+    elif "class_labels" in params:
+        conditioning = "class"
+    else:
+        conditioning = "none"
+
+    def draw(seed: int, cond: Any, steps: int, guidance: float | None) -> torch.Tensor:
+        kw: dict[str, Any] = {"num_inference_steps": steps, "output_type": "pt",
+                              "generator": torch.Generator(device).manual_seed(seed)}
+        if guidance is not None and "guidance_scale" in params:
+            kw["guidance_scale"] = guidance
+        if conditioning == "prompt":
+            kw["prompt"] = [str(cond)]
+        elif conditioning == "class":
+            kw["class_labels"] = [int(cond)]
+        return _as_images(pipe(**kw))
+
+    def defaults(n: int) -> list[Any]:
+        if conditioning == "prompt":
+            raise ValueError(f"--model {model!r} takes prompts: pass --prompts FILE (one prompt a line)")
+        return [i % 10 for i in range(n)] if conditioning == "class" else [None] * n
+
+    return EvalModel(pipe, f"{type(pipe).__name__} from {model}", conditioning, draw, defaults)
+
+
+# -- autoregressive video -----------------------------------------------------------------------
+
+BUILTIN_VIDEO_MODELS = ("reference",)
+
+
+def load_video_model(model: str | None, device: str, num_frames: int) -> EvalModel:
+    """The AR-video pipeline (default: the shipped reference, digits bouncing on a 24x24 canvas).
+
+    ``draw`` returns (1, C, F, H, W) in [0, 1]. No task metric: the digit classifier, trained on
+    32x32 full-frame digits, reads the small bouncing digit of the 24x24 canvas wrongly (0-17% of
+    frames on kv-full samples), so it would not measure anything.
+    """
+    from dcache.pipelines.ar_video.reference import load_reference, sample_prompts
+
+    pipe = load_reference(None if model in (None, "reference") else os.path.expanduser(model))
+    pipe.transformer.to(device)
+    if num_frames % pipe.config.chunk_frames:
+        from dcache.eval.cli_errors import UsageError
+
+        raise UsageError(f"--num-frames must be a multiple of the model's chunk of {pipe.config.chunk_frames} frames, "
+                         f"got {num_frames}")
+
+    def draw(seed: int, prompt: Any, steps: int, guidance: float | None) -> torch.Tensor:
+        out = pipe(prompt=[tuple(prompt)], num_frames=num_frames, seed=seed)
+        return out.frames.float().cpu().clamp(0, 1)
+
+    return EvalModel(pipe, "embedded AR video (WanTransformer3DModel, digit + velocity prompts)", "prompt", draw,
+                     lambda n: [list(p) for p in sample_prompts(n, 0)], None, None,
+                     text=lambda p: f"digit {p[0]} moving ({p[1]}, {p[2]})", separate_cfg=False,
+                     info={"kind": "video", "fps": 8})
+
+
+# -- diffusion language models ------------------------------------------------------------------
+
+def load_dllm_model(model: str | None, device: str, gen_length: int, block_length: int) -> EvalModel:
+    """A LLaDA-style dLLM (default: the shipped cipher reference model) on its cipher task.
+
+    Sample ``i`` is the problem drawn with seed ``seeds[i]``; ``draw`` returns the generated canvas
+    (1, gen_length) as token ids (LLaDA low-confidence remasking, one token per step). The task
+    metric is exact match of the whole canvas with the answer.
+    """
+    from dcache.eval.bench_dllm import default_model_dir
+    from dcache.pipelines.dllm import tasks
+    from dcache.pipelines.dllm.generate import llada_generate
+    from dcache.pipelines.dllm.modeling import LLaDAModelLM
+
+    lm = LLaDAModelLM.from_pretrained(os.path.expanduser(model) if model else default_model_dir(), device=device)
+    n_range = (max(1, gen_length * 3 // 4), min(gen_length, tasks.FIELD))
+
+    def problem(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return tasks.make_problems(1, gen_length=gen_length, n_range=n_range, seed=seed)
+
+    def draw(seed: int, cond: Any, steps: int, guidance: float | None) -> torch.Tensor:
+        prompt, _ = problem(seed)
+        out = llada_generate(lm, prompt.to(device), gen_length=gen_length, block_length=block_length, steps=gen_length)
+        return out.sequences.cpu()
+
+    def exact(outputs: torch.Tensor, seeds: list[Any]) -> list[float]:
+        return [float(tasks.exact_match(o[None], problem(int(s))[1])) for o, s in zip(outputs, seeds)]
+
+    return EvalModel(lm, "embedded dLLM (LLaDA-style, cipher task)", "problem", draw, lambda n: list(range(n)),
+                     exact, "exact_match", text=lambda s: tasks.render(problem(int(s))[0][0]),
+                     info={"kind": "text", "render": tasks.render, "problem": problem})

@@ -1,0 +1,121 @@
+"""Every bad input is one line on stderr and exit code 2, found before any model runs."""
+
+import os
+
+import pytest
+import torch
+
+from dcache.cli import main as cli
+
+BAD_EVAL = [
+    (["--policy", "nope"], "unknown policy 'nope'; accepted: fbcache"),
+    (["--policy", "taylorseer(interval=4"], "unclosed '('"),
+    (["--policy", "static;fbcache"], "not ';'"),
+    (["--policy", "taylorseer(intervl=3)"], "unknown option(s) ['intervl'] for policy 'taylorseer'; accepted:"),
+    (["--policy", "taylorseer", "--option", "interval=-2"], "interval must be in [1, inf], got -2"),
+    (["--policy", "static,fbcache", "--option", "interval=2"], "--option applies to a single --policy"),
+    (["--model", "./no-such-pipeline"], "--model './no-such-pipeline': no such directory"),
+    (["--weights-dir", "/no/such/dir"], "--weights-dir '/no/such/dir' does not exist"),
+    (["--out", "{file}"], "is a file, not a directory"),
+    (["--out", "/proc/dcache-eval-out"], "is not writable"),
+    (["--steps", "-3"], "--steps must be an integer >= 1, got -3"),
+    (["--steps", "abc"], "argument --steps: invalid int value: 'abc'"),
+    (["--threads", "0"], "--threads must be an integer >= 1, got 0"),
+    (["--guidance", "-1"], "--guidance must be a number >= 0, got -1"),
+    (["--num-samples", "0"], "--num-samples must be an integer >= 1"),
+    (["--device", "banana"], "--device 'banana' is not a device; accepted: cpu, cuda, cuda:N, mps"),
+    (["--seeds", "1,x"], "--seeds must be integers or ranges like 0-9"),
+    (["--seeds", "1,1"], "repeats a seed"),
+    (["--sweep", "teacache.threshold"], "write policy.option=v1,v2"),
+    (["--sweep", "teacache.threshld=0.1,0.2"], "unknown option(s) ['threshld'] for policy 'teacache'"),
+    (["--sweep", "nope.x=1,2"], "unknown policy 'nope'"),
+    (["--fid"], "--fid needs Inception weights: pass --inception-weights PATH, or put weights-inception-2015-12-05"),
+    (["--clip-model", "/no/such/openai-clip"], "--clip-model '/no/such/openai-clip'"),
+    (["--prompts", "/no/such/prompts.txt"], "--prompts '/no/such/prompts.txt' is not a file"),
+    (["--prompts", "{empty}"], "holds no prompts"),
+    (["--pareto-metric", "fid"], "--pareto-metric fid needs --fid"),
+    (["--pareto-metric", "beauty"], "--pareto-metric 'beauty'; accepted: psnr"),
+    (["--task", "audio"], "--task 'audio'; accepted: image"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--task", "ar-video", "--policy", "taylorseer"], "policy 'taylorseer' is for image models, not ar-video"),
+    (["--task", "ar-video", "--peers"], "--peers is not available for --task ar-video yet"),
+    (["--task", "dllm", "--gen-length", "30", "--block-length", "16"], "--gen-length 30 must be a multiple of --block-length 16"),
+    (["--task", "dllm", "--policy", "kv-rolling"], "policy 'kv-rolling' is for ar-video models, not dllm"),
+    (["--task", "dllm", "--guidance", "3"], "--guidance does not apply to --task dllm"),
+    (["--task", "ar-video", "--vbench", "subject_consistency"], "--vbench needs --vbench-python PATH. VBench needs its own"),
+    (["--task", "ar-video", "--vbench", "beauty"], "unknown dimension(s) ['beauty']; accepted on custom videos:"),
+    (["--vbench", "subject_consistency"], "--vbench scores videos: use it with --task ar-video"),
+    (["--task", "ar-video", "--steps", "4"], "--steps does not apply to --task ar-video"),
+]
+if not torch.cuda.is_available():
+    BAD_EVAL.append((["--device", "cuda"], "--device 'cuda' is unavailable: torch sees no CUDA GPU here"))
+
+BAD_OTHER = [
+    (["bench", "--policies", "nope"], "dcache bench", "unknown policy 'nope'"),
+    (["bench", "--policies", "taylorseer(interval=0)"], "dcache bench", "interval must be in [1, inf]"),
+    (["bench", "--task", "audio"], "dcache bench", "--task 'audio'; accepted: ar-video, dllm, image"),
+    (["bench", "--out", "{file}"], "dcache bench", "is a file"),
+    (["bench", "--model", "./nowhere"], "dcache bench", "no such directory"),
+    (["bench", "--threads", "-1"], "dcache bench", "--threads must be an integer >= 1"),
+    (["bench", "--task", "ar-video", "--policies", "kv-full;kv-rolling"], "dcache bench", "not ';'"),
+    (["bench", "--task", "ar-video", "--policies", "taylorseer"], "dcache bench", "not ar-video"),
+    (["policies", "--task", "audio"], "dcache policies", "invalid choice: 'audio'"),
+    (["frobnicate"], "dcache frobnicate", "unknown command 'frobnicate'; accepted: bench, eval, policies"),
+]
+
+
+def _fill(args, tmp_path):
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    e = tmp_path / "empty.txt"
+    e.write_text("\n \n")
+    return [a.format(file=f, empty=e) for a in args]
+
+
+def _one_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize("args, needle", BAD_EVAL, ids=[" ".join(a) for a, _ in BAD_EVAL])
+def test_bad_eval_input_is_one_line_and_exit_2(args, needle, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # no Inception weights there
+    out = tmp_path / "out"
+    argv = ["eval", "--num-samples", "2", "--out", str(out)] + _fill(args, tmp_path)
+    assert cli(argv) == 2
+    line = _one_line(capsys)
+    assert line.startswith("dcache eval: error: ") and needle in line, line
+    assert not (out / "samples").exists()  # refused before anything was generated
+
+
+@pytest.mark.parametrize("args, prog, needle", BAD_OTHER, ids=[" ".join(a) for a, _, _ in BAD_OTHER])
+def test_bad_bench_and_policies_input(args, prog, needle, tmp_path, capsys):
+    assert cli(_fill(args, tmp_path)) == 2
+    line = _one_line(capsys)
+    assert line.startswith(f"{prog}: error: ") and needle in line, line
+
+
+def test_class_out_of_range_is_refused_before_generation(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert cli(["eval", "--classes", "3,12", "--steps", "2", "--out", str(out)]) == 2
+    assert "--classes 12 is out of range; this model draws classes 0..9" in _one_line(capsys)
+    assert not (out / "samples").exists()
+
+
+def test_version_and_help(capsys):
+    import dcache
+
+    assert cli(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"dcache {dcache.__version__}"
+    assert cli(["eval", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "(default: 50; images only)" in text and "(default: 8)" in text and "examples:" in text and "--sweep teacache.threshold" in text
+
+
+def test_policies_by_task(capsys):
+    assert cli(["policies", "--task", "ar-video"]) == 0
+    names = {line.split()[0] for line in capsys.readouterr().out.strip().splitlines()}
+    import dcache
+
+    assert names == set(dcache.policies("ar-video")) and "taylorseer" not in names
