@@ -1,0 +1,70 @@
+"""Per-request isolation: a pool of model instances and a baseline cache.
+
+``dcache.accelerate`` patches the object it is given, and the AR-video pipeline keeps per-call
+state on itself, so two requests must never run on one instance at the same time. A request
+checks an instance out of its model's pool (a new one is built when all are busy) and gives it
+back with every hook removed; requests therefore never share cache state, whatever the queue's
+concurrency.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import threading
+from typing import Any, Callable, Hashable, Iterator
+
+__all__ = ["InstancePool", "BaselineCache"]
+
+
+class InstancePool:
+    """Instances built by ``factory``; at most ``max_idle`` kept between requests."""
+
+    def __init__(self, factory: Callable[[], Any], max_idle: int = 2, initial: list[Any] | None = None) -> None:
+        self._factory = factory
+        self._idle: list[Any] = list(initial or [])
+        self._lock = threading.Lock()
+        self._max_idle = max_idle
+        self.built = 0
+
+    @contextlib.contextmanager
+    def checkout(self) -> Iterator[Any]:
+        with self._lock:
+            obj = self._idle.pop() if self._idle else None
+        if obj is None:
+            obj = self._factory()
+            with self._lock:
+                self.built += 1
+        try:
+            yield obj
+        finally:
+            with self._lock:
+                if len(self._idle) < self._max_idle:
+                    self._idle.append(obj)
+
+
+class BaselineCache:
+    """LRU map (model, condition, seed, steps, ...) → baseline result, so switching policies is quick."""
+
+    def __init__(self, max_entries: int = 64) -> None:
+        self._data: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._max = max_entries
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable) -> Any | None:
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                self.hits += 1
+                return self._data[key]
+            self.misses += 1
+            return None
+
+    def put(self, key: Hashable, value: Any) -> None:
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self._max:
+                self._data.popitem(last=False)
