@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser("bench", help="benchmark policies against the uncached baseline", add_help=False)
     bench.add_argument("--task", default="image", choices=sorted(BENCH_TASKS))
     sub.add_parser("policies", help="list the available policies")
+    sub.add_parser("demo", help="Gradio demo: baseline vs accelerated (--host, --port)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "policies":
         from dcache.registry import policies
@@ -28,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, desc in policies().items():
             print(f"{name:20s} {desc}")
         return 0
+    if args.command == "demo":
+        from dcache.demos.app import main as demo_main
+
+        return int(demo_main(rest) or 0)
     if args.command == "bench":
         try:
             mod = importlib.import_module(BENCH_TASKS[args.task])

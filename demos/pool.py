@@ -26,20 +26,25 @@ class InstancePool:
         self._lock = threading.Lock()
         self._max_idle = max_idle
         self.built = 0
+        self.in_use = 0
+        self.peak_in_use = 0  # most instances out at once: how many requests really overlapped
 
     @contextlib.contextmanager
     def checkout(self) -> Iterator[Any]:
         with self._lock:
             obj = self._idle.pop() if self._idle else None
-        if obj is None:
-            obj = self._factory()
-            with self._lock:
-                self.built += 1
+            self.in_use += 1
+            self.peak_in_use = max(self.peak_in_use, self.in_use)
         try:
+            if obj is None:
+                obj = self._factory()
+                with self._lock:
+                    self.built += 1
             yield obj
         finally:
             with self._lock:
-                if len(self._idle) < self._max_idle:
+                self.in_use -= 1
+                if obj is not None and len(self._idle) < self._max_idle:
                     self._idle.append(obj)
 
 

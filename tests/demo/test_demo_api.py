@@ -1,0 +1,150 @@
+"""The demo through its real Gradio server (gradio_client): isolation, errors, the dLLM and video tabs."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from demo_checks import as_uint8, expected_timeline, number_after, parse_timeline, shown_pixels
+
+pytest.importorskip("gradio")
+
+
+def widget_values(task: str, policy: str, overrides: dict) -> list:
+    """Every policy's knob widgets in page order, at their start values, the chosen one's overridden."""
+    from dcache.demos.knobs import display_default, policy_knobs
+
+    values = []
+    for name, ks in policy_knobs(task).items():
+        for k in ks:
+            values.append(overrides.get(k.name, display_default(k)) if name == policy else display_default(k))
+    return values
+
+
+def image_args(policy: str, overrides: dict | None = None, label: str = "3", seed: int = 0, steps: int = 10,
+               path: str = "", guidance: float = 4.0) -> list:
+    return ["digits", path, label, seed, steps, guidance, policy, *widget_values("image", policy, overrides or {})]
+
+
+def test_two_concurrent_requests_get_their_own_results(client, digits_direct):
+    """Two requests with different policies run at the same time, each on its own instance; each shows
+    exactly what that policy gives alone on a fresh pipeline."""
+    from dcache.demos import image_task
+
+    image_task.get_model("digits").pool.peak_in_use = 0
+    reqs = {"static": ({"interval": 2}, 11), "taylorseer": ({"interval": 3, "warmup_steps": 2}, 12)}
+    jobs = {p: client.submit(*image_args(p, o, seed=seed, steps=24), api_name="/generate_image")
+            for p, (o, seed) in reqs.items()}
+    results = {p: j.result(timeout=300) for p, j in jobs.items()}
+    # Two instances were out at once: the requests really overlapped.
+    assert image_task.get_model("digits").pool.peak_in_use >= 2
+    for policy, (opts, seed) in reqs.items():
+        status, base_path, acc_path, _, metrics, _, tl_text = results[policy]
+        assert status == "done", status
+        want_acc, stats = digits_direct(policy, opts, 3, seed, 24)
+        want_base, _ = digits_direct(None, {}, 3, seed, 24)
+        assert np.abs(shown_pixels(Image.open(acc_path), 32).astype(int) - as_uint8(want_acc)).max() <= 1
+        assert np.abs(shown_pixels(Image.open(base_path), 32).astype(int) - as_uint8(want_base)).max() <= 1
+        assert parse_timeline(tl_text) == expected_timeline(stats)
+        assert f"· {policy} " in metrics
+
+
+def test_baseline_is_cached_per_model_condition_seed_steps(client):
+    first = client.predict(*image_args("static", seed=21, steps=6), api_name="/generate_image")
+    again = client.predict(*image_args("taylorseer", seed=21, steps=6), api_name="/generate_image")
+    other = client.predict(*image_args("taylorseer", seed=22, steps=6), api_name="/generate_image")
+    assert "(cached)" not in first[4] and "(cached)" in again[4] and "(cached)" not in other[4]
+    # the cached baseline is the same image, and its wall time is the one measured first
+    assert np.array_equal(np.asarray(Image.open(first[1])), np.asarray(Image.open(again[1])))
+    assert number_after(first[4], "wall time: baseline") == number_after(again[4], "wall time: baseline")
+
+
+def _unsupported_pipeline(path: str) -> None:
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8,), layers_per_block=1,
+                       down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), norm_num_groups=4)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=10)).save_pretrained(path)
+
+
+@pytest.mark.parametrize("case", ["bad-path", "unsupported", "bad-option", "bad-type", "bad-class", "bad-steps"])
+def test_errors_are_messages_and_the_app_lives_on(client, tmp_path, case):
+    if case == "unsupported":
+        _unsupported_pipeline(str(tmp_path / "ddpm"))
+    args = {
+        "bad-path": image_args("static", path=str(tmp_path / "missing")),
+        "unsupported": image_args("static", path=str(tmp_path / "ddpm")),
+        "bad-option": image_args("static", {"interval": 0}),
+        "bad-type": image_args("taylorseer", {"dtype": "float77"}),
+        "bad-class": image_args("static", label="12"),
+        "bad-steps": image_args("static", steps=1),
+    }[case]
+    want = {"bad-path": "cannot load a diffusers pipeline", "unsupported": "unsupported model class UNet2DModel",
+            "bad-option": "interval must be", "bad-type": "dtype", "bad-class": "class label 0-9",
+            "bad-steps": "steps must be"}[case]
+    out = client.predict(*args, api_name="/generate_image")
+    assert out[0].startswith("**Error:**") and want in out[0], out[0]
+    assert all(o is None for o in out[1:])
+    ok = client.predict(*image_args("static", steps=4), api_name="/generate_image")
+    assert ok[0] == "done"
+
+
+def test_dllm_tab_streams_the_answer_filling_in(client):
+    from dcache.pipelines.dllm import tasks
+
+    args = ["embedded", 5, 32, 2, "dkv", *widget_values("dllm", "dkv", {"refresh_interval": 4})]
+    job = client.submit(*args, api_name="/generate_dllm")
+    final = job.result(timeout=300)
+    frames = [o for o in job.outputs() if o[0] in ("running", "done")]
+    assert final[0] == "done", final[0]
+    _, answers = tasks.make_problems(2, gen_length=32, n_range=(24, 32), seed=5)
+    want = tasks.render(answers[0])
+    assert final[2] == want and final[3] == want  # the model solves it, with and without the cache
+    # intermediate frames show masked slots being filled in, never un-filled
+    partial = [o[2] for o in frames if o[2] and "?" in o[2]]
+    assert partial, "no intermediate canvas was streamed"
+    masked = [p.count("?") for p in partial]
+    assert masked == sorted(masked, reverse=True)
+    assert "accuracy 1.000" in final[4] and "tokens/s" in final[4]
+
+
+def test_video_tab_reports_kv_memory_and_fps(client):
+    import dcache
+    from dcache.pipelines.ar_video.reference import load_reference
+
+    args = ["embedded", 4, 2, 1, 0, 9, "kv-rolling", *widget_values("ar-video", "kv-rolling", {"window_frames": 3})]
+    status, v_base, v_pol, metrics = client.predict(*args, api_name="/generate_video")
+    assert status == "done", status
+    assert os.path.getsize(v_base) > 0 and os.path.getsize(v_pol) > 0
+    pipe = load_reference()
+    kv = {}
+    for policy, opts in (("kv-full", {}), ("kv-rolling", {"window_frames": 3})):
+        with dcache.accelerated(pipe, policy, **opts):
+            pipe(prompt=[(4, 2, 1)], num_frames=9, seed=0)
+            kv[policy] = pipe.dcache.stats()["kv_bytes"]
+    assert number_after(metrics, "KV memory: baseline") == pytest.approx(kv["kv-full"] / 1024, abs=0.05)
+    assert number_after(metrics, "· kv-rolling") == pytest.approx(kv["kv-rolling"] / 1024, abs=0.05)
+    assert kv["kv-rolling"] < kv["kv-full"]
+    assert "fps" in metrics
+
+
+def test_concurrent_backend_threads_do_not_share_state():
+    """The backend alone (no server): two threads, two policies, each result equals its solo run."""
+    from dcache.demos import image_task
+
+    solo = {p: image_task.run_image("digits", "7", 3, 8, 4.0, p, {}) for p in ("static", "fbcache")}
+    out: dict = {}
+    threads = [threading.Thread(target=lambda p=p: out.setdefault(p, image_task.run_image("digits", "7", 3, 8, 4.0, p, {})))
+               for p in solo]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for p in solo:
+        assert torch.equal(out[p].accelerated, solo[p].accelerated)
+        assert out[p].stats["timeline"] == solo[p].stats["timeline"]
