@@ -54,7 +54,7 @@ def plot(timeline: list[dict[str, Any]], title: str = "") -> Image.Image:
     steps = sorted({e["step"] for e in timeline})
     col = {s: i for i, s in enumerate(steps)}
     row = {s: i for i, s in enumerate(sites)}
-    height = 1.2 + 0.25 * max(len(sites), 1) * len(branches)
+    height = 1.1 + (0.3 * max(len(sites), 1) + 0.5) * len(branches)
     fig, axes = plt.subplots(len(branches), 1, figsize=(8, height), squeeze=False)
     for ax, b in zip(axes[:, 0], branches):
         grid = np.ones((max(len(sites), 1), max(len(steps), 1), 3))
@@ -68,11 +68,10 @@ def plot(timeline: list[dict[str, Any]], title: str = "") -> Image.Image:
         ax.set_ylabel(f"branch {b}", fontsize=8)
         ticks = list(range(0, len(steps), max(1, len(steps) // 12)))
         ax.set_xticks(ticks, [str(steps[i]) for i in ticks], fontsize=7)
-    axes[-1, 0].set_xlabel("denoising step", fontsize=8)
-    fig.legend(handles=[Patch(color=_COLOURS[k], label=k) for k in KINDS], loc="upper right", ncol=3, fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9, x=0.02, ha="left")
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    axes[-1, 0].set_xlabel("denoising step" + (f"  ({title})" if title else ""), fontsize=8)
+    fig.legend(handles=[Patch(color=_COLOURS[k], label=k) for k in KINDS], loc="lower left", ncol=3, fontsize=7,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
