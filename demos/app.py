@@ -21,7 +21,7 @@ from typing import Any, Callable
 import dcache
 from dcache.demos import knobs as knobs_mod
 
-__all__ = ["build_app", "main", "launch", "LOCAL_HOSTS"]
+__all__ = ["build_app", "main", "launch", "host_warning", "LOCAL_HOSTS"]
 
 log = logging.getLogger("dcache.demo")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -296,11 +296,17 @@ def build_app(concurrency: int = 2) -> Any:
     return app
 
 
+def host_warning(host: str) -> str | None:
+    if host in LOCAL_HOSTS:
+        return None
+    return f"serving the dcache demo on {host}, reachable from other machines; it has no authentication"
+
+
 def launch(host: str = "127.0.0.1", port: int = 7860, concurrency: int = 2, block: bool = True) -> Any:
     """Start the app; binding beyond localhost happens only when asked for, and warns."""
-    if host not in LOCAL_HOSTS:
-        print(f"warning: serving the dcache demo on {host}:{port}, reachable from other machines; "
-              "it has no authentication.", file=sys.stderr)
+    warning = host_warning(host)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     app = build_app(concurrency)
     app.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block, show_error=True)
     return app

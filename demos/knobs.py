@@ -105,7 +105,8 @@ def options_from_values(knobs: list[Knob], values: list[Any]) -> dict[str, Any]:
     opts = {}
     for knob, raw in zip(knobs, values):
         given, value = _parse(knob, raw)
-        if given:
+        # a widget left at its start value passes nothing: the config class keeps its own default
+        if given and not (type(value) is type(knob.default) and value == knob.default):
             opts[knob.name] = value
     return opts
 

@@ -52,6 +52,26 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10.0 * float(np.log10(1.0 / mse))
 
 
+_VIDEO_DIR: str | None = None
+_KEEP_VIDEOS = 32
+
+
+def _new_video_path() -> str:
+    """A fresh file in this process's video folder; the oldest are removed (Gradio serves its own copy)."""
+    global _VIDEO_DIR
+    if _VIDEO_DIR is None:
+        _VIDEO_DIR = tempfile.mkdtemp(prefix="dcache-demo-videos-")
+    files = sorted((os.path.join(_VIDEO_DIR, f) for f in os.listdir(_VIDEO_DIR)), key=os.path.getmtime)
+    for old in files[:-_KEEP_VIDEOS]:
+        try:
+            os.remove(old)
+        except OSError:
+            pass
+    fd, path = tempfile.mkstemp(suffix=".mp4", dir=_VIDEO_DIR)
+    os.close(fd)
+    return path
+
+
 def write_mp4(frames: torch.Tensor, fps: int = 8, path: str | None = None) -> str:
     """(F, C, H, W) in [0, 1] → an H.264 MP4 (yuv420p: what browsers play) written with the ffmpeg
     binary that the ``imageio-ffmpeg`` wheel ships; returns the path."""
@@ -65,8 +85,7 @@ def write_mp4(frames: torch.Tensor, fps: int = 8, path: str | None = None) -> st
     arr = arr.repeat(s, axis=1).repeat(s, axis=2)
     h, w = arr.shape[1:3]
     if path is None:
-        fd, path = tempfile.mkstemp(suffix=".mp4", prefix="dcache-demo-")
-        os.close(fd)
+        path = _new_video_path()
     writer = imageio_ffmpeg.write_frames(path, (w, h), fps=fps, codec="libx264", macro_block_size=8,
                                          output_params=["-movflags", "+faststart"])
     writer.send(None)

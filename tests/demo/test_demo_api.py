@@ -148,3 +148,20 @@ def test_concurrent_backend_threads_do_not_share_state():
     for p in solo:
         assert torch.equal(out[p].accelerated, solo[p].accelerated)
         assert out[p].stats["timeline"] == solo[p].stats["timeline"]
+
+
+def test_a_long_generation_reports_progress(client):
+    import time
+
+    job = client.submit(*image_args("static", seed=31, steps=60), api_name="/generate_image")
+    seen = []
+    while not job.done():
+        st = job.status()
+        if st.progress_data:
+            seen.append((st.progress_data[0].desc, st.progress_data[0].progress))
+        time.sleep(0.02)
+    assert job.result()[0] == "done"
+    base = [p for d, p in seen if d.startswith("baseline: denoiser call")]
+    pol = [p for d, p in seen if d.startswith("static: denoiser call")]
+    assert base and pol, seen[:5]
+    assert base == sorted(base) and pol == sorted(pol) and max(base + pol) <= 1.0
