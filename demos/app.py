@@ -115,7 +115,8 @@ def _image_tab(gr: Any) -> None:
                              label="embedded model", elem_id="image-model")
             model_path = gr.Textbox(value="", label="or a diffusers pipeline: local directory or hub id (overrides)",
                                     elem_id="image-model-path")
-            condition = gr.Textbox(value="3", label="class label (digits 0-9) or prompt", elem_id="image-condition")
+            condition = gr.Textbox(value=image_task.default_condition(image_task.DEFAULT_IMAGE_MODEL),
+                                   label="class label (digits 0-9) or prompt (scenes)", elem_id="image-condition")
             with gr.Row():
                 seed = gr.Number(value=0, precision=0, label="seed", elem_id="image-seed")
                 steps = gr.Number(value=20, precision=0, label="steps", elem_id="image-steps")
@@ -134,14 +135,7 @@ def _image_tab(gr: Any) -> None:
                                  elem_id="image-timeline-text")
 
     def on_model(choice: str):
-        if choice == "scenes":
-            try:
-                from dcache.pipelines.zoo.scenes import sample_prompts
-
-                return gr.update(value=sample_prompts(1, 0)[0], label="prompt")
-            except ImportError:
-                return gr.update()
-        return gr.update(value="3", label="class label (digits 0-9) or prompt")
+        return gr.update(value=image_task.default_condition(choice))
 
     model.change(on_model, inputs=model, outputs=condition, queue=False)
 

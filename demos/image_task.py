@@ -18,7 +18,7 @@ import dcache
 from dcache.demos.pool import BaselineCache, InstancePool
 
 __all__ = ["DEFAULT_IMAGE_MODEL", "EMBEDDED_MODELS", "ImageModel", "ImageResult", "get_model", "run_image",
-           "MAX_STEPS"]
+           "default_condition", "MAX_STEPS"]
 
 # The one line to flip when the scenes model (issue #16) lands: "digits" -> "scenes".
 DEFAULT_IMAGE_MODEL = "digits"
@@ -185,6 +185,17 @@ def _pipeline_model(path: str) -> ImageModel:
 
     pool = InstancePool(factory, initial=[pipe])  # the instance loaded to check support serves first
     return ImageModel(path, f"{type(pipe).__name__} from {path}", cond_kind, default, 4.0, pool, call, parse)
+
+
+def default_condition(name: str) -> str:
+    """What the condition box starts with for an embedded model (no model is loaded for it)."""
+    if name == "scenes":
+        try:
+            from dcache.pipelines.zoo.scenes import sample_prompts
+        except ImportError:
+            return ""
+        return sample_prompts(1, 0)[0]
+    return "3"
 
 
 _MODELS: dict[str, ImageModel] = {}

@@ -79,6 +79,8 @@ def loaded_image(driver, selector):
 
 def test_image_tab_end_to_end(browser, demo_url, digits_direct):
     open_page(browser, demo_url)
+    choose_radio(browser, "image-model", "digits")
+    set_input(browser, "#image-condition textarea, #image-condition input", 3)
     choose_radio(browser, "image-policy", "static")
     set_input(browser, "#knob-static-interval input", 2)
     set_input(browser, "#image-steps input", 12)
@@ -116,6 +118,8 @@ def test_image_tab_end_to_end(browser, demo_url, digits_direct):
 
 def test_error_is_shown_in_the_page(browser, demo_url):
     open_page(browser, demo_url)
+    choose_radio(browser, "image-model", "digits")
+    set_input(browser, "#image-condition textarea, #image-condition input", 3)
     set_input(browser, "#image-model-path textarea, #image-model-path input", "/no/such/pipeline")
     set_input(browser, "#image-steps input", 4)
     css(browser, "#image-generate").click()
