@@ -42,6 +42,13 @@ def _fmt_db(x: float) -> str:
     return "inf dB (identical)" if math.isinf(x) else f"{x:.2f} dB"
 
 
+def _flops_line(stats: dict) -> str:
+    avoided = stats.get("flops_avoided_fraction")
+    if avoided is None or not 0.0 <= avoided <= 1.0:  # a table measured while another request ran
+        return "FLOPs computed: n/a"
+    return f"FLOPs computed: {1 - avoided:.3f} of the baseline's (estimated speedup {stats.get('estimated_speedup', 1.0):.2f}x)"
+
+
 # -- knob widgets ---------------------------------------------------------------------------------
 def _knob_widget(gr: Any, knob: knobs_mod.Knob) -> Any:
     eid = f"knob-{knob.policy}-{knob.name}"
@@ -155,8 +162,7 @@ def _image_tab(gr: Any) -> None:
             f" · {policy_v} {_fmt_s(r.accelerated_s)}",
             f"speedup: {r.speedup:.2f}x",
             f"PSNR vs baseline: {_fmt_db(r.psnr)} (largest pixel difference {peak:.3f})",
-            f"FLOPs computed: {1 - st.get('flops_avoided_fraction', 0.0):.3f} of the baseline's "
-            f"(estimated speedup {st.get('estimated_speedup', 1.0):.2f}x)",
+            _flops_line(st),
             f"sites: computed {st.get('computed', 0)} · reused {st.get('reused', 0)} · forecast {st.get('forecast', 0)}"
             f" over {st.get('denoiser_calls', 0)} denoiser calls",
         ]

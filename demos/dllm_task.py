@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import torch
 
 import dcache
-from dcache.demos.pool import BaselineCache, InstancePool
+from dcache.demos.pool import GENERATIONS, BaselineCache, InstancePool
 
 __all__ = ["DEFAULT_DLLM_MODEL", "DllmRun", "run_dllm", "GEN_LENGTHS"]
 
@@ -108,10 +108,11 @@ def _stream(model: Any, prompts: torch.Tensor, answers: torch.Tensor, gen_length
             if config is not None:
                 dcache.accelerate(model, config)
             try:
-                t0 = time.perf_counter()
-                out = model.generate(prompts, gen_length=gen_length, block_length=BLOCK, steps=gen_length,
-                                     callback=callback)
-                result["seconds"] = time.perf_counter() - t0
+                with GENERATIONS.shared():
+                    t0 = time.perf_counter()
+                    out = model.generate(prompts, gen_length=gen_length, block_length=BLOCK, steps=gen_length,
+                                         callback=callback)
+                    result["seconds"] = time.perf_counter() - t0
                 result["out"] = out
                 result["stats"] = model.dcache.stats() if config is not None else {}
             finally:

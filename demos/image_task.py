@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 import dcache
-from dcache.demos.pool import BaselineCache, InstancePool
+from dcache.demos.pool import GENERATIONS, BaselineCache, InstancePool
 
 __all__ = ["DEFAULT_IMAGE_MODEL", "EMBEDDED_MODELS", "ImageModel", "ImageResult", "get_model", "run_image",
            "default_condition", "MAX_STEPS"]
@@ -263,11 +263,12 @@ def _timed(model: ImageModel, pipe: Any, cond: Any, seed: int, steps: int, guida
 
 def _warm(model: ImageModel, pipe: Any) -> None:
     """First use of an instance: one plain and one hooked step, so neither timed run pays torch's
-    first-call costs or dcache's one-off FLOP measurement for this input shape."""
+    first-call costs or dcache's one-off FLOP measurement for this input shape (which must not
+    overlap another generation: see :class:`dcache.demos.pool.SharedExclusiveLock`)."""
     if getattr(pipe, "_dcache_demo_warm", False):
         return
     cond = model.parse_condition(model.default_condition)
-    with torch.no_grad():
+    with GENERATIONS.exclusive(), torch.no_grad():
         model.call(pipe, cond, 0, 1, model.default_guidance)
         with dcache.accelerated(pipe, "none"):
             model.call(pipe, cond, 0, 1, model.default_guidance)
@@ -289,7 +290,8 @@ def run_image(model_name: str, condition: str, seed: Any, steps: Any, guidance: 
     if base is None:
         with model.pool.checkout() as pipe:
             _warm(model, pipe)
-            img, dt, calls = _timed(model, pipe, cond, seed, steps, guidance, progress, steps * 2, "baseline")
+            with GENERATIONS.shared():
+                img, dt, calls = _timed(model, pipe, cond, seed, steps, guidance, progress, steps * 2, "baseline")
         base = (img, dt, calls)
         _BASELINES.put(key, base)
     b_img, b_dt, calls = base
@@ -297,7 +299,9 @@ def run_image(model_name: str, condition: str, seed: Any, steps: Any, guidance: 
         _warm(model, pipe)
         dcache.accelerate(pipe, config)
         try:
-            a_img, a_dt, _ = _timed(model, pipe, cond, seed, steps, guidance, progress, calls, type(config).policy_name)
+            with GENERATIONS.shared():
+                a_img, a_dt, _ = _timed(model, pipe, cond, seed, steps, guidance, progress, calls,
+                                        type(config).policy_name)
             stats = pipe.dcache.stats()
         finally:
             dcache.disable(pipe)

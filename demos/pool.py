@@ -14,7 +14,7 @@ import contextlib
 import threading
 from typing import Any, Callable, Hashable, Iterator
 
-__all__ = ["InstancePool", "BaselineCache"]
+__all__ = ["InstancePool", "BaselineCache", "SharedExclusiveLock", "GENERATIONS"]
 
 
 class InstancePool:
@@ -73,3 +73,48 @@ class BaselineCache:
             self._data.move_to_end(key)
             while len(self._data) > self._max:
                 self._data.popitem(last=False)
+
+
+class SharedExclusiveLock:
+    """Many holders of the shared side at once, or one of the exclusive side.
+
+    dcache measures a denoiser's FLOPs once per input shape with *process-wide* module hooks
+    (``dcache.flops.measure``), so a generation running in another thread meanwhile would be
+    counted into the table. Generations take the shared side; the one-off measurement the
+    exclusive side.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._exclusive = True  # new shared holders wait from here on
+            self._cond.wait_for(lambda: self._shared == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+# Every generation of every tab holds GENERATIONS.shared(); measuring a new image instance's FLOPs
+# holds GENERATIONS.exclusive().
+GENERATIONS = SharedExclusiveLock()

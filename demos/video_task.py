@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 import dcache
-from dcache.demos.pool import BaselineCache, InstancePool
+from dcache.demos.pool import GENERATIONS, BaselineCache, InstancePool
 
 __all__ = ["DEFAULT_VIDEO_MODEL", "VideoSide", "run_video", "BASELINE_POLICY"]
 
@@ -75,7 +75,8 @@ def _generate(pool: InstancePool, config: Any, prompt: tuple[int, int, int], see
     with pool.checkout() as pipe:
         dcache.accelerate(pipe, config)
         try:
-            out = pipe(prompt=[prompt], num_frames=num_frames, seed=seed)
+            with GENERATIONS.shared():
+                out = pipe(prompt=[prompt], num_frames=num_frames, seed=seed)
             stats = pipe.dcache.stats()
         finally:
             dcache.disable(pipe)

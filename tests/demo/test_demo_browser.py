@@ -105,6 +105,7 @@ def test_image_tab_end_to_end(browser, demo_url, digits_direct):
     want_base, _ = digits_direct(None, {}, 3, 4, 12)
     assert np.abs(shown_pixels(acc, 32).astype(int) - as_uint8(want_acc)).max() <= 1
     assert np.abs(shown_pixels(base, 32).astype(int) - as_uint8(want_base)).max() <= 1
+    assert number_after(metrics, "FLOPs computed:") == pytest.approx(1 - stats["flops_avoided_fraction"], abs=6e-4)
     got = parse_timeline(timeline)
     assert got == expected_timeline(stats)
     assert any(r > 0 for _, r, _ in got.values()) and any(c > 0 for c, _, _ in got.values())

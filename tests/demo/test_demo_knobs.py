@@ -142,3 +142,33 @@ def test_scenes_model_is_used_when_present_else_a_clear_message():
 
     r = image_task.run_image("scenes", sample_prompts(1, 0)[0], 0, 4, 4.0, "static", {})
     assert r.accelerated.shape == r.baseline.shape and "prompt" in r.adherence
+
+
+def test_exclusive_side_waits_for_every_shared_holder():
+    import threading
+    import time
+
+    from dcache.demos.pool import SharedExclusiveLock
+
+    lock, events = SharedExclusiveLock(), []
+    entered = threading.Event()
+
+    def holder():
+        with lock.shared():
+            entered.set()
+            time.sleep(0.2)
+            events.append("shared done")
+
+    t = threading.Thread(target=holder)
+    t.start()
+    entered.wait()
+    with lock.exclusive():
+        events.append("exclusive")
+        with_shared = []
+        t2 = threading.Thread(target=lambda: lock.shared().__enter__() or with_shared.append(1))
+        t2.start()
+        time.sleep(0.05)
+        assert not with_shared  # a new shared holder waits while the exclusive side is held
+    t.join()
+    t2.join(timeout=5)
+    assert events == ["shared done", "exclusive"] and with_shared == [1]
