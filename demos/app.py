@@ -129,6 +129,8 @@ def _image_tab(gr: Any) -> None:
                 steps = gr.Number(value=20, precision=0, label="steps", elem_id="image-steps")
                 guidance = gr.Number(value=4.0, label="guidance", elem_id="image-guidance")
             policy, _, table, widgets = _policy_panel(gr, "image", "taylorseer", "image")
+            spec = gr.Textbox(value="", label="or a policy list, one per granularity (overrides the policy above), "
+                              "e.g. teacache(threshold=0.3),taylorseer(interval=4)", elem_id="image-policy-list")
             button = gr.Button("Generate", variant="primary", elem_id="image-generate")
             status = gr.Markdown("", elem_id="image-status")
         with gr.Column(scale=2):
@@ -146,20 +148,22 @@ def _image_tab(gr: Any) -> None:
 
     model.change(on_model, inputs=model, outputs=condition, queue=False)
 
-    def generate(model_choice, path, cond, seed_v, steps_v, guidance_v, policy_v, *values, progress=gr.Progress()):
+    def generate(model_choice, path, cond, seed_v, steps_v, guidance_v, policy_v, spec_v, *values,
+                 progress=gr.Progress()):
         none = (None,) * 6
         try:
-            opts = _options(table, policy_v, list(values))
+            opts = _options(table, policy_v, list(values)) if not (spec_v or "").strip() else {}
             name = (path or "").strip() or model_choice
+            label = image_task.policy_label(image_task.image_configs(policy_v, opts, spec_v))
             r = image_task.run_image(name, cond, seed_v, steps_v, guidance_v, policy_v, opts,
-                                     _progress_adapter(progress))
+                                     _progress_adapter(progress), spec=spec_v)
         except Exception as e:  # noqa: BLE001 - every failure becomes a message in the page
             return (_error_text(e),) + none
         diff, peak = media.diff_map(r.baseline, r.accelerated)
         st = r.stats
         lines = [
             f"wall time: baseline {_fmt_s(r.baseline_s)}{' (cached)' if r.baseline_cached else ''}"
-            f" · {policy_v} {_fmt_s(r.accelerated_s)}",
+            f" · {label} {_fmt_s(r.accelerated_s)}",
             f"speedup: {r.speedup:.2f}x",
             f"PSNR vs baseline: {_fmt_db(r.psnr)} (largest pixel difference {peak:.3f})",
             _flops_line(st),
@@ -169,11 +173,11 @@ def _image_tab(gr: Any) -> None:
         if r.adherence:
             lines.append(f"check: {r.adherence}")
         md = "\n".join(f"- {ln}" for ln in lines)
-        title = f"{policy_v} on {name}: {steps_v} steps"
+        title = f"{label} on {name}: {steps_v} steps"
         return ("done", media.to_pil(r.baseline), media.to_pil(r.accelerated), diff, md,
                 timeline.plot(st.get("timeline", []), title), "\n".join(timeline.summary_lines(st.get("timeline", []))))
 
-    button.click(generate, inputs=[model, model_path, condition, seed, steps, guidance, policy, *widgets],
+    button.click(generate, inputs=[model, model_path, condition, seed, steps, guidance, policy, spec, *widgets],
                  outputs=[status, base_img, acc_img, diff_img, metrics, tl_plot, tl_text], api_name="generate_image")
 
 

@@ -18,7 +18,7 @@ import dcache
 from dcache.demos.pool import GENERATIONS, BaselineCache, InstancePool
 
 __all__ = ["DEFAULT_IMAGE_MODEL", "EMBEDDED_MODELS", "ImageModel", "ImageResult", "get_model", "run_image",
-           "default_condition", "MAX_STEPS"]
+           "default_condition", "image_configs", "policy_label", "MAX_STEPS"]
 
 # The one line to flip when the scenes model (issue #16) lands: "digits" -> "scenes".
 DEFAULT_IMAGE_MODEL = "digits"
@@ -168,7 +168,12 @@ def _pipeline_model(path: str) -> ImageModel:
     _check_supported(pipe)
     params = inspect.signature(type(pipe).__call__).parameters
     if "class_labels" in params:
-        cond_kind, default, parse = "class", "0", lambda t: int(str(t).strip())
+        def parse(t: str) -> int:
+            if not str(t).strip().isdigit():
+                raise ValueError(f"{type(pipe).__name__} takes an integer class label >= 0, got {t!r}")
+            return int(str(t).strip())
+
+        cond_kind, default = "class", "0"
     elif "prompt" in params:
         cond_kind, default, parse = "prompt", "a photo of a cat", lambda t: str(t)
     else:
@@ -275,13 +280,30 @@ def _warm(model: ImageModel, pipe: Any) -> None:
     pipe._dcache_demo_warm = True
 
 
-def run_image(model_name: str, condition: str, seed: Any, steps: Any, guidance: Any, policy: str,
-              options: dict[str, Any], progress: Progress | None = None) -> ImageResult:
-    """Baseline (cached per model, condition, seed, steps, guidance) and ``policy`` on the same seed."""
-    steps, seed, guidance = _check_request(steps, seed, guidance)
+def image_configs(policy: str, options: dict[str, Any], spec: str = "") -> list[Any]:
+    """Validated configs: ``policy`` with ``options``, or a policy list ``spec`` in the command line's
+    syntax (``teacache(threshold=0.3),taylorseer(interval=4)``, one policy per granularity)."""
     from dcache.demos.knobs import build_config
 
-    config = build_config(policy, "image", options)  # bad options fail before any model is loaded
+    if spec and spec.strip():
+        from dcache.eval.policy_spec import parse_policies
+
+        configs = [build_config(name, "image", opts) for name, opts in parse_policies(spec, task="image")]
+        dcache.resolve_policy(configs, {}, "image")  # refuses two policies at one granularity
+        return configs
+    return [build_config(policy, "image", options)]
+
+
+def policy_label(configs: list[Any]) -> str:
+    return " + ".join(type(c).policy_name for c in configs)
+
+
+def run_image(model_name: str, condition: str, seed: Any, steps: Any, guidance: Any, policy: str,
+              options: dict[str, Any], progress: Progress | None = None, spec: str = "") -> ImageResult:
+    """Baseline (cached per model, condition, seed, steps, guidance) and the policy (or the policy
+    list ``spec``) on the same seed."""
+    steps, seed, guidance = _check_request(steps, seed, guidance)
+    configs = image_configs(policy, options, spec)  # bad options fail before any model is loaded
     model = get_model(model_name)
     cond = model.parse_condition(condition)
     key = (model.key, repr(cond), seed, steps, guidance)
@@ -297,11 +319,11 @@ def run_image(model_name: str, condition: str, seed: Any, steps: Any, guidance: 
     b_img, b_dt, calls = base
     with model.pool.checkout() as pipe:
         _warm(model, pipe)
-        dcache.accelerate(pipe, config)
+        dcache.accelerate(pipe, configs)
         try:
             with GENERATIONS.shared():
                 a_img, a_dt, _ = _timed(model, pipe, cond, seed, steps, guidance, progress, calls,
-                                        type(config).policy_name)
+                                        policy_label(configs))
             stats = pipe.dcache.stats()
         finally:
             dcache.disable(pipe)

@@ -27,8 +27,8 @@ def widget_values(task: str, policy: str, overrides: dict) -> list:
 
 
 def image_args(policy: str, overrides: dict | None = None, label: str = "3", seed: int = 0, steps: int = 10,
-               path: str = "", guidance: float = 4.0) -> list:
-    return ["digits", path, label, seed, steps, guidance, policy, *widget_values("image", policy, overrides or {})]
+               path: str = "", guidance: float = 4.0, spec: str = "") -> list:
+    return ["digits", path, label, seed, steps, guidance, policy, spec, *widget_values("image", policy, overrides or {})]
 
 
 def test_two_concurrent_requests_get_their_own_results(client, digits_direct):
@@ -167,3 +167,57 @@ def test_a_long_generation_reports_progress(client):
     pol = [p for d, p in seen if d.startswith("static: denoiser call")]
     assert base and pol, seen[:5]
     assert base == sorted(base) and pol == sorted(pol) and max(base + pol) <= 1.0
+
+
+def test_a_policy_list_shows_both_granularities_in_the_timeline(client, digits_direct):
+    import dcache
+    from dcache.pipelines.zoo.reference import load_reference_pipeline
+
+    spec = "teacache(threshold=0.3),taylorseer(interval=3)"
+    out = client.predict(*image_args("static", seed=2, steps=10, spec=spec), api_name="/generate_image")
+    assert out[0] == "done", out[0]
+    assert "· teacache + taylorseer " in out[4]
+    pipe = load_reference_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    with dcache.accelerated(pipe, ["teacache", "taylorseer"], teacache={"threshold": 0.3}, taylorseer={"interval": 3}):
+        pipe(class_labels=[3], num_inference_steps=10, guidance_scale=4.0, generator=torch.Generator().manual_seed(2),
+             output_type="pt")
+        stats = pipe.dcache.stats()
+    assert parse_timeline(out[6]) == expected_timeline(stats)
+    sites = {s for e in stats["timeline"] for s in e["sites"]}
+    assert any(s.startswith("blocks[") for s in sites) and any(".attn" in s for s in sites)
+    bad = client.predict(*image_args("static", spec="teacache,fbcache"), api_name="/generate_image")
+    assert bad[0].startswith("**Error:**") and "one policy per granularity" in bad[0]
+
+
+def test_a_local_diffusers_pipeline_runs_in_the_demo(client, tmp_path):
+    """Any supported pipeline directory: a tiny random DiT saved here, loaded by path."""
+    import dcache
+    from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8,
+                                        num_attention_heads=2, in_channels=4, out_channels=8, attention_bias=True,
+                                        activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                                        norm_type="ada_norm_zero", norm_elementwise_affine=False)
+    vae = AutoencoderKL(sample_size=16, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4)
+    pipe = DiTPipeline(transformer=transformer.eval(), vae=vae.eval(), scheduler=DPMSolverMultistepScheduler(),
+                       id2label={0: "zero", 1: "one"})
+    pipe.save_pretrained(tmp_path / "dit")
+    out = client.predict(*image_args("static", {"interval": 2}, label="1", steps=6, path=str(tmp_path / "dit")),
+                         api_name="/generate_image")
+    assert out[0] == "done", out[0]
+    loaded = DiTPipeline.from_pretrained(tmp_path / "dit")
+    loaded.set_progress_bar_config(disable=True)
+    with dcache.accelerated(loaded, "static", interval=2):
+        want = loaded(class_labels=[1], num_inference_steps=6, guidance_scale=4.0,
+                      generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+        stats = loaded.dcache.stats()
+    shown = np.asarray(Image.open(out[2]).convert("RGB"))
+    step = shown.shape[0] // want.shape[0]
+    assert np.abs(shown[::step, ::step].astype(int) - (want * 255).round().astype(int)).max() <= 1
+    assert parse_timeline(out[6]) == expected_timeline(stats)
+    bad = client.predict(*image_args("static", label="cat", steps=4, path=str(tmp_path / "dit")), api_name="/generate_image")
+    assert "takes an integer class label" in bad[0]
