@@ -172,3 +172,33 @@ def test_exclusive_side_waits_for_every_shared_holder():
     t.join()
     t2.join(timeout=5)
     assert events == ["shared done", "exclusive"] and with_shared == [1]
+
+
+def test_the_script_serves_the_page_on_localhost():
+    """``python demos/app.py --port N`` (what ``dcache demo`` runs) serves the app on 127.0.0.1."""
+    import json
+    import os
+    import time
+    import urllib.request
+
+    from conftest import free_port
+
+    port = free_port()
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "demos", "app.py")
+    proc = subprocess.Popen([sys.executable, script, "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline, page = time.time() + 120, None
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=5) as r:
+                    page = json.loads(r.read().decode())
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert page is not None, proc.stdout.read() if proc.poll() is not None else "no answer in 120 s"
+        assert page["title"] == "dcache demo"
+        assert "image-generate" in {c.get("props", {}).get("elem_id") for c in page["components"]}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
