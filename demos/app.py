@@ -187,7 +187,9 @@ def _dllm_tab(gr: Any) -> None:
 
     gr.Markdown("The embedded LLaDA-architecture model solves a keyed digit cipher (every answer token is "
                 "known, so accuracy is exact). `?` is a still-masked slot, `$` end of answer. Both runs use "
-                "the same problems; the first one is shown as it fills in.")
+                "the same problems; the first one is shown as it fills in. A policy's `threshold` also "
+                "switches to confidence-threshold parallel decoding (Fast-dLLM); `None` keeps one token per step, "
+                "so the cache alone is compared.")
     with gr.Row():
         with gr.Column(scale=1):
             model = gr.Textbox(value=dllm_task.DEFAULT_DLLM_MODEL, label="model: 'embedded' or a local LLaDA directory",
