@@ -221,3 +221,18 @@ def test_a_local_diffusers_pipeline_runs_in_the_demo(client, tmp_path):
     assert parse_timeline(out[6]) == expected_timeline(stats)
     bad = client.predict(*image_args("static", label="cat", steps=4, path=str(tmp_path / "dit")), api_name="/generate_image")
     assert "takes an integer class label" in bad[0]
+
+
+def test_dllm_and_video_errors_are_messages(client, tmp_path):
+    d = client.predict(str(tmp_path / "nope"), 0, 32, 2, "dkv", *widget_values("dllm", "dkv", {}),
+                       api_name="/generate_dllm")
+    assert d[0].startswith("**Error:**") and "is not a directory" in d[0]
+    d = client.predict("embedded", 0, 32, 2, "dkv", *widget_values("dllm", "dkv", {"variant": "'sideways'"}),
+                       api_name="/generate_dllm")
+    assert d[0].startswith("**Error:**") and "variant" in d[0]
+    v = client.predict("embedded", 3, 1, 2, 0, 10, "kv-rolling", *widget_values("ar-video", "kv-rolling", {}),
+                       api_name="/generate_video")
+    assert v[0].startswith("**Error:**") and "multiple of 3" in v[0]
+    v = client.predict(str(tmp_path), 3, 1, 1, 0, 9, "kv-rolling", *widget_values("ar-video", "kv-rolling", {}),
+                       api_name="/generate_video")
+    assert v[0].startswith("**Error:**"), v[0]
