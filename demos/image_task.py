@@ -188,7 +188,9 @@ def _pipeline_model(path: str) -> ImageModel:
         kw["class_labels" if cond_kind == "class" else "prompt"] = [cond] if cond_kind == "class" else cond
         return p(**kw)
 
-    pool = InstancePool(factory, initial=[pipe])  # the instance loaded to check support serves first
+    # The instance loaded to check support serves first; a user pipeline may be large, so requests
+    # share this one instance in turn instead of loading a copy each.
+    pool = InstancePool(factory, initial=[pipe], max_instances=1)
     return ImageModel(path, f"{type(pipe).__name__} from {path}", cond_kind, default, 4.0, pool, call, parse)
 
 

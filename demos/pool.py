@@ -18,34 +18,52 @@ __all__ = ["InstancePool", "BaselineCache", "SharedExclusiveLock", "GENERATIONS"
 
 
 class InstancePool:
-    """Instances built by ``factory``; at most ``max_idle`` kept between requests."""
+    """Instances built by ``factory``: at most ``max_instances`` exist (a request waits for one to be
+    given back beyond that: a large hub pipeline must not be loaded once per user), and at most
+    ``max_idle`` are kept between requests."""
 
-    def __init__(self, factory: Callable[[], Any], max_idle: int = 2, initial: list[Any] | None = None) -> None:
+    def __init__(self, factory: Callable[[], Any], max_idle: int = 2, initial: list[Any] | None = None,
+                 max_instances: int = 4) -> None:
         self._factory = factory
         self._idle: list[Any] = list(initial or [])
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
         self._max_idle = max_idle
+        self._max_instances = max(max_instances, 1)
+        self._alive = len(self._idle)
         self.built = 0
         self.in_use = 0
         self.peak_in_use = 0  # most instances out at once: how many requests really overlapped
 
     @contextlib.contextmanager
     def checkout(self) -> Iterator[Any]:
-        with self._lock:
+        with self._cond:
+            self._cond.wait_for(lambda: self._idle or self._alive < self._max_instances)
             obj = self._idle.pop() if self._idle else None
+            if obj is None:
+                self._alive += 1  # reserved now, built below outside the lock
             self.in_use += 1
             self.peak_in_use = max(self.peak_in_use, self.in_use)
         try:
             if obj is None:
-                obj = self._factory()
-                with self._lock:
+                try:
+                    obj = self._factory()
+                except BaseException:
+                    with self._cond:
+                        self._alive -= 1
+                        self._cond.notify_all()
+                    raise
+                with self._cond:
                     self.built += 1
             yield obj
         finally:
-            with self._lock:
+            with self._cond:
                 self.in_use -= 1
-                if obj is not None and len(self._idle) < self._max_idle:
-                    self._idle.append(obj)
+                if obj is not None:
+                    if len(self._idle) < self._max_idle:
+                        self._idle.append(obj)
+                    else:
+                        self._alive -= 1
+                self._cond.notify_all()
 
 
 class BaselineCache:

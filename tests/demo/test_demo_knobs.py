@@ -202,3 +202,26 @@ def test_the_script_serves_the_page_on_localhost():
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_instance_pool_waits_at_its_limit_instead_of_building_more():
+    import threading
+    import time
+
+    from dcache.demos.pool import InstancePool
+
+    pool = InstancePool(lambda: object(), max_instances=1)
+    order = []
+
+    def second():
+        with pool.checkout() as b:
+            order.append(("second", b))
+
+    with pool.checkout() as a:
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(0.1)
+        assert not order  # waiting: the only instance is out
+        order.append(("first", a))
+    t.join(timeout=5)
+    assert [o[0] for o in order] == ["first", "second"] and order[1][1] is a and pool.built == 1
