@@ -15,8 +15,6 @@ import tempfile
 import pytest
 import torch
 
-pytest.importorskip("gradio")
-
 CHROMIUM = os.environ.get("DCACHE_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("DCACHE_CHROMEDRIVER", "/usr/bin/chromedriver")
 
@@ -56,7 +54,7 @@ def browser():
     if missing:
         msg = f"browser tests need {', '.join(missing)} (apt-get install chromium chromium-driver; pip install selenium)"
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(msg)
+            pytest.fail(msg)  # CI installs all of them: never pass the browser tests by skipping
         pytest.skip(msg)
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM

@@ -46,3 +46,23 @@ def number_after(text: str, label: str) -> float:
     m = re.search(re.escape(label) + r"\s*([0-9.]+)", text)
     assert m, f"{label!r} not in {text!r}"
     return float(m.group(1))
+
+
+def in_ci() -> bool:
+    import os
+
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require(module: str):
+    """Import ``module``; without it skip here, but fail under CI (a CI run never skips the demo)."""
+    import importlib
+
+    import pytest
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        if in_ci():
+            raise RuntimeError(f"the demo tests need {module} under CI: {e}") from e
+        pytest.skip(f"needs {module}", allow_module_level=True)

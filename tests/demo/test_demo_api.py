@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from demo_checks import as_uint8, expected_timeline, number_after, parse_timeline, shown_pixels
+from demo_checks import as_uint8, expected_timeline, number_after, parse_timeline, require, shown_pixels
 
-pytest.importorskip("gradio")
+require("gradio")
 
 
 def widget_values(task: str, policy: str, overrides: dict) -> list:

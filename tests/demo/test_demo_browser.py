@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from demo_checks import as_uint8, expected_timeline, number_after, parse_timeline, shown_pixels
+from demo_checks import as_uint8, expected_timeline, number_after, parse_timeline, require, shown_pixels
 
-pytest.importorskip("gradio")
-pytest.importorskip("selenium")
+require("gradio")
+require("selenium")
 
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402

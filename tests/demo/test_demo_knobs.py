@@ -117,7 +117,7 @@ def test_timeline_lines_count_each_call_sites():
 
 
 def test_mp4_is_h264_with_every_frame():
-    import imageio_ffmpeg
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
 
     from dcache.demos.media import write_mp4
 
@@ -176,6 +176,7 @@ def test_exclusive_side_waits_for_every_shared_holder():
 
 def test_the_script_serves_the_page_on_localhost():
     """``python demos/app.py --port N`` (what ``dcache demo`` runs) serves the app on 127.0.0.1."""
+    pytest.importorskip("gradio")
     import json
     import os
     import time
