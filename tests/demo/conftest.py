@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 
 import pytest
@@ -19,16 +18,11 @@ CHROMIUM = os.environ.get("DCACHE_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("DCACHE_CHROMEDRIVER", "/usr/bin/chromedriver")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def demo_url():
     """The demo served on 127.0.0.1 by this process (so tests can also look at its pools)."""
     from dcache.demos.app import launch
+    from demo_checks import free_port
 
     port = free_port()
     app = launch("127.0.0.1", port, concurrency=2, block=False)

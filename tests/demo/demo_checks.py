@@ -66,3 +66,11 @@ def require(module: str):
         if in_ci():
             raise RuntimeError(f"the demo tests need {module} under CI: {e}") from e
         pytest.skip(f"needs {module}", allow_module_level=True)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -182,7 +182,7 @@ def test_the_script_serves_the_page_on_localhost():
     import time
     import urllib.request
 
-    from conftest import free_port
+    from demo_checks import free_port
 
     port = free_port()
     script = os.path.join(os.path.dirname(__file__), "..", "..", "demos", "app.py")
