@@ -38,17 +38,28 @@ def open_page(driver, url):
 
 
 def choose_radio(driver, fieldset_id, value):
-    box = css(driver, f"#{fieldset_id} input[value='{value}']")
-    driver.execute_script("arguments[0].click()", box)
-    wait_for(driver, lambda d: box.is_selected(), 10, f"{value} not selected")
+    # Re-found and re-checked each time: a tab shown for the first time may still re-render its
+    # widgets, which would silently drop a choice made on the old elements.
+    selector = f"#{fieldset_id} input[value='{value}']"
+    for _ in range(10):
+        driver.execute_script("arguments[0].click()", css(driver, selector))
+        time.sleep(0.3)
+        if css(driver, selector).is_selected():
+            return
+    raise AssertionError(f"could not select {value} in #{fieldset_id}")
 
 
 def set_input(driver, selector, value):
-    el = wait_for(driver, lambda d: (d.find_elements(By.CSS_SELECTOR, selector) or [None])[0], 20, selector)
-    el.send_keys(Keys.CONTROL, "a")
-    el.send_keys(Keys.DELETE)
-    el.send_keys(str(value))
-    el.send_keys(Keys.TAB)
+    for _ in range(10):
+        el = wait_for(driver, lambda d: (d.find_elements(By.CSS_SELECTOR, selector) or [None])[0], 20, selector)
+        el.send_keys(Keys.CONTROL, "a")
+        el.send_keys(Keys.DELETE)
+        el.send_keys(str(value))
+        el.send_keys(Keys.TAB)
+        time.sleep(0.2)
+        if css(driver, selector).get_attribute("value") == str(value):
+            return
+    raise AssertionError(f"could not set {selector} to {value!r}")
 
 
 def text_of(driver, selector):
@@ -132,16 +143,18 @@ def test_error_is_shown_in_the_page(browser, demo_url):
     wait_for(browser, lambda d: text_of(d, "#image-status") == "done", 120, "no recovery after an error")
 
 
-def click_tab(driver, name):
+def click_tab(driver, name, ready):
     tab = [b for b in driver.find_elements(By.CSS_SELECTOR, "button[role=tab]") if b.text.strip() == name][0]
     tab.click()
+    wait_for(driver, lambda d: any(e.is_displayed() for e in d.find_elements(By.CSS_SELECTOR, ready)), 30, ready)
+    time.sleep(0.5)
 
 
 def test_dllm_tab_in_browser(browser, demo_url):
     from dcache.pipelines.dllm import tasks
 
     open_page(browser, demo_url)
-    click_tab(browser, "dLLM")
+    click_tab(browser, "dLLM", "#dllm-generate")
     choose_radio(browser, "dllm-length", "32")
     set_input(browser, "#dllm-batch input", 2)
     css(browser, "#dllm-generate").click()
@@ -156,7 +169,7 @@ def test_dllm_tab_in_browser(browser, demo_url):
 
 def test_video_tab_plays_mp4_in_browser(browser, demo_url):
     open_page(browser, demo_url)
-    click_tab(browser, "AR video")
+    click_tab(browser, "AR video", "#video-generate")
     set_input(browser, "#video-frames input", 9)
     css(browser, "#video-generate").click()
     assert wait_status(browser, "#video-status") == "done"
