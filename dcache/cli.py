@@ -1,4 +1,4 @@
-"""The ``dcache`` command line: ``dcache bench|eval|policies ...`` and ``dcache --version``.
+"""The ``dcache`` command line: ``dcache bench|eval|demo|policies ...`` and ``dcache --version``.
 
 Each subcommand owns its own argument parser; this module routes to it, runs the checks every
 command shares before any model is loaded (:mod:`dcache.eval.cli_errors`), and turns bad input,
@@ -20,6 +20,7 @@ BENCH_TASKS = {
 # Other subcommands: name -> (module with main(argv), one-line help).
 COMMANDS = {
     "eval": ("dcache.eval.evaluate", "evaluate policies: baseline vs accelerated samples, metrics, sweeps, resume"),
+    "demo": ("dcache.demos.app", "Gradio demo: baseline vs accelerated side by side (--host, --port)"),
 }
 
 USAGE = """dcache <command> [options]    (dcache <command> --help for each)
@@ -28,6 +29,7 @@ commands:
   bench      benchmark policies against the uncached baseline (--task image|dllm|ar-video)
   eval       evaluate policies: samples, fidelity/FID/CLIP/task metrics, sweeps, Pareto, resume
   policies   list the policies (--task image|dllm|ar-video)
+  demo       Gradio demo: baseline vs accelerated side by side (--host, --port)
 
 examples:
   dcache eval --policy taylorseer --out runs/ts
@@ -85,7 +87,7 @@ def _route(argv: list[str], out_hint: dict) -> int:
     if cmd in COMMANDS:
         mod = _import(COMMANDS[cmd][0], f"dcache {cmd}")
         return int(mod.main(rest) or 0)
-    raise UsageError(f"unknown command {cmd!r}; accepted: bench, eval, policies (dcache --help)")
+    raise UsageError(f"unknown command {cmd!r}; accepted: bench, eval, demo, policies (dcache --help)")
 
 
 def _import(name: str, what: str):
