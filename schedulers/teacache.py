@@ -58,8 +58,10 @@ class TeaCacheState(PolicyState):
 class TeaCachePolicy(StepPolicy):
     needs_probe = True
 
-    def __init__(self, config: "TeaCacheConfig", coefficients: list[float], model_id: str = "") -> None:
+    def __init__(self, config: "TeaCacheConfig", coefficients: list[float], model_id: str = "",
+                 warmup_steps: int = 1) -> None:
         self.config = config
+        self.warmup_steps = warmup_steps
         self.model_id = model_id  # recorded in the calibration file
         self.coefficients = list(coefficients)
         self._poly = np.poly1d(self.coefficients)
@@ -77,10 +79,12 @@ class TeaCachePolicy(StepPolicy):
             return True
         d = float(rel_l1(signal, prev, self.group))
         state.last_distance = d
-        if c.calibrate or step.index < c.warmup_steps or (c.compute_last and step.is_last):
+        if c.calibrate or step.index < self.warmup_steps or (c.compute_last and step.is_last):
             state.accumulated = 0.0
             return True
-        state.accumulated += float(self._poly(d))
+        # The polynomial estimates a size of change: a negative value (outside its fitted range)
+        # is no change, never credit that lets later steps skip.
+        state.accumulated += max(float(self._poly(d)), 0.0)
         if state.accumulated < c.threshold:
             return False
         state.accumulated = 0.0
@@ -135,7 +139,8 @@ class TeaCacheConfig:
         coefficients: rescale polynomial, highest degree first, or the path of a calibration JSON.
             None: the published set for the checkpoint (recognised from its name), else the
             family default, else the raw distance with a warning.
-        warmup_steps: leading steps always computed.
+        warmup_steps: leading steps always computed. None: the warm-up the coefficient source pairs
+            with its coefficients (Wan's ret-steps sets: 5), else 1.
         compute_last: always compute the final step.
         calibrate: compute every step and fit coefficients from the observed changes.
         calibration_file: where ``calibrate`` writes the fitted coefficients (JSON).
@@ -143,14 +148,15 @@ class TeaCacheConfig:
 
     threshold: float = 0.3
     coefficients: Any = None
-    warmup_steps: int = 1
+    warmup_steps: int | None = None
     compute_last: bool = True
     calibrate: bool = False
     calibration_file: str | None = None
 
     def __post_init__(self) -> None:
         check_float("teacache", "threshold", self.threshold, 0.0)
-        check_int("teacache", "warmup_steps", self.warmup_steps, 0)
+        if self.warmup_steps is not None:
+            check_int("teacache", "warmup_steps", self.warmup_steps, 0)
         check_bool("teacache", "compute_last", self.compute_last)
         check_bool("teacache", "calibrate", self.calibrate)
         if self.coefficients is not None:
@@ -171,4 +177,7 @@ class TeaCacheConfig:
                 coeffs = IDENTITY
             else:
                 logger.info("teacache: %s", env.coefficients_source)
-        return TeaCachePolicy(self, coeffs, env.model_id)
+        warmup = self.warmup_steps
+        if warmup is None:
+            warmup = env.teacache_warmup_steps if (self.coefficients is None and env.teacache_warmup_steps) else 1
+        return TeaCachePolicy(self, coeffs, env.model_id, warmup)

@@ -1,0 +1,195 @@
+"""Step-level caching over a transformer block chain (granularity ``step``).
+
+The chain is split into head (always computed, FBCache's first blocks), span (computed or
+reused as one residual) and tail (always computed). At the first span block the call reaches,
+the policy decides: on COMPUTE the span runs and its residual is stored for the branch; on REUSE
+the first span block returns ``input + residual`` and the other span blocks pass their inputs
+through without running, so none of their inner layers is called.
+
+The residual is the span's own contribution: ``out(last) - in(first)`` minus whatever the model
+added *between* span blocks (Flux ControlNet's ``controlnet_block_samples``). On a reused step
+the model adds this step's samples to the passed-through stream itself, so they count once.
+Blocks a call skips (SD3 ``skip_layers``) are simply not seen; a call that skips the first span
+block is computed and does not touch the cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dcache.installers._common import pack, same_shape, unpack
+from dcache.pipelines.adapters.base import BlockSpec, get_arg
+from dcache.wrapper import CALL
+
+
+class ChainState:
+    """Per-branch bookkeeping of one chain (lives in the Run)."""
+
+    __slots__ = ("policy_state", "call", "mode", "capture", "start", "probe", "h_in", "e_in", "prev_h", "prev_e",
+                 "ext_h", "ext_e", "res_h", "res_e", "step")
+
+    def __init__(self, policy_state: Any) -> None:
+        self.policy_state = policy_state
+        self.call = -1
+        self.res_h: torch.Tensor | None = None
+        self.res_e: torch.Tensor | None = None
+        self.new_call(-1)
+
+    def new_call(self, call: int) -> None:
+        self.call = call
+        self.mode = "undecided"
+        self.capture = False
+        self.start = self.probe = self.h_in = self.e_in = self.prev_h = self.prev_e = None
+        self.ext_h = self.ext_e = None
+        self.step = None
+
+    def cache_nbytes(self) -> int:
+        # Only the residuals and the policy's references outlive a step.
+        own = sum(t.numel() * t.element_size() for t in (self.res_h, self.res_e) if t is not None)
+        ps = self.policy_state.cache_nbytes() if hasattr(self.policy_state, "cache_nbytes") else 0
+        return own + ps
+
+
+class _BlockSite:
+    def __init__(self, chain: "_Chain", i: int, block: torch.nn.Module, spec: BlockSpec) -> None:
+        self.chain, self.i, self.block, self.spec = chain, i, block, spec
+
+    def pre(self, args: tuple, kwargs: dict) -> Any:
+        ch = self.chain
+        run, step = ch.target.active()
+        if step is None:
+            return CALL
+        cs = ch.state(run, step)
+        block, spec, i, policy = self.block, self.spec, self.i, ch.policy
+        hidden = get_arg(block, spec.hidden, args, kwargs)
+        enc = get_arg(block, spec.encoder, args, kwargs) if spec.encoder else None
+        if i < ch.first:
+            if cs.start is None:
+                cs.start = hidden
+            if policy.needs_probe and cs.probe is None:
+                cs.probe = ch.target.adapter.teacache_probe(block, args, kwargs)
+            return CALL
+        if i > ch.last:
+            return CALL
+        if cs.mode == "undecided":
+            if i != ch.first:
+                cs.mode = "compute"  # the call skipped the decision block: compute, cache nothing
+                return CALL
+            return ch.decide(run, step, cs, block, args, kwargs, hidden, enc)
+        if cs.mode == "reuse":
+            return pack(spec, hidden, enc)
+        if cs.capture:
+            # Anything the model added between span blocks is not the span's residual.
+            if cs.prev_h is not None and hidden is not cs.prev_h:
+                d = hidden - cs.prev_h
+                cs.ext_h = d if cs.ext_h is None else cs.ext_h + d
+            if enc is not None and cs.prev_e is not None and enc is not cs.prev_e:
+                d = enc - cs.prev_e
+                cs.ext_e = d if cs.ext_e is None else cs.ext_e + d
+        return CALL
+
+    def post(self, args: tuple, kwargs: dict, out: Any) -> Any:
+        ch = self.chain
+        run, step = ch.target.active()
+        if step is None or not (ch.first <= self.i <= ch.last):
+            return out
+        cs = ch.state(run, step)
+        if cs.capture:
+            cs.prev_h, cs.prev_e = unpack(self.spec, out)
+            if self.i == ch.last:
+                ch.finish(run, step, cs)
+        return out
+
+
+class _Chain:
+    def __init__(self, target: Any, policy: Any) -> None:
+        self.target, self.policy = target, policy
+        n = len(target.blocks)
+        self.first = policy.head_blocks
+        self.last = n - policy.tail_blocks - 1
+        if self.first > self.last:
+            raise ValueError(f"{type(policy).__name__}: no blocks left to cache among {n}")
+        self.pid = id(policy)
+        self.span_names = [target.names[b] for b in target.blocks[self.first: self.last + 1]]
+        self.site = f"{target.prefix}blocks[{self.first}:{self.last + 1}]"
+
+    def state(self, run: Any, step: Any) -> ChainState:
+        cs = run.state((self.pid, "chain", step.branch), lambda: ChainState(self.policy.new_state()))
+        if cs.call != run.calls:
+            cs.new_call(run.calls)
+        return cs
+
+    def decide(self, run: Any, step: Any, cs: ChainState, block: Any, args: tuple, kwargs: dict,
+               hidden: torch.Tensor, enc: torch.Tensor | None) -> Any:
+        policy = self.policy
+        key = (self.pid, "decision")
+        compute = step.decisions.get(key) if step.sub > 0 else None
+        if compute is None:
+            if policy.needs_probe:
+                signal = cs.probe if cs.probe is not None else self.target.adapter.teacache_probe(block, args, kwargs)
+            elif self.first > 0:
+                signal = None if cs.start is None else hidden - cs.start
+            else:
+                signal = None
+            if signal is None and (policy.needs_probe or self.first > 0):
+                compute = True  # the head did not run this call: nothing to compare
+            else:
+                compute = bool(policy.decide(cs.policy_state, step, signal))
+            step.decisions[key] = compute
+        cs.start = cs.probe = None
+        if not compute and not (same_shape(cs.res_h, hidden) and (cs.res_e is None or same_shape(cs.res_e, enc))):
+            # Guard: the batch or shape changed since the residual was cached (dynamic CFG drops the
+            # uncond half mid-run). Compute and re-seed the policy's history.
+            compute = True
+            cs.policy_state.reset()
+            cs.res_h = cs.res_e = None
+        if not compute:
+            cs.mode = "reuse"
+            run.count("reused", self.site)
+            for name in self.span_names:
+                run.avoid(name)
+            out_e = enc if (enc is None or cs.res_e is None) else enc + cs.res_e
+            return pack(self.target.adapter.spec(block), hidden + cs.res_h, out_e)
+        cs.mode = "compute"
+        cs.capture = True
+        cs.step = step
+        cs.h_in, cs.e_in = hidden, enc
+        run.count("computed", self.site)
+        return CALL
+
+    def finish(self, run: Any, step: Any, cs: ChainState) -> None:
+        """Store the span's residual (at its last block, or at the end of a call that skipped it)."""
+        if not cs.capture or cs.prev_h is None:
+            cs.capture = False
+            return
+        res_h = cs.prev_h - cs.h_in
+        if cs.ext_h is not None:
+            res_h = res_h - cs.ext_h
+        res_e = None
+        if cs.prev_e is not None and cs.e_in is not None:
+            res_e = cs.prev_e - cs.e_in
+            if cs.ext_e is not None:
+                res_e = res_e - cs.ext_e
+        cs.res_h, cs.res_e = res_h, res_e
+        self.policy.after_compute(cs.policy_state, step, cs.h_in, cs.prev_h)
+        cs.capture = False
+        cs.h_in = cs.e_in = cs.prev_h = cs.prev_e = cs.ext_h = cs.ext_e = None
+
+    def end_call(self, run: Any, step: Any) -> None:
+        cs = run.cache.get((self.pid, "chain", step.branch))
+        if cs is not None and cs.call == run.calls and cs.capture:
+            self.finish(run, step, cs)
+
+
+def install(target: Any, policy: Any) -> int:
+    """Hook every block of ``target``'s chain; returns 1 (the span is one site)."""
+    blocks = target.blocks
+    if not blocks:
+        return 0
+    chain = _Chain(target, policy)
+    for i, block in enumerate(blocks):
+        target.hook(block, _BlockSite(chain, i, block, target.adapter.spec(block)))
+    target.end_call.append(chain.end_call)
+    return 1
