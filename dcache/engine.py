@@ -236,12 +236,12 @@ class _DenoiserSite:
         h.calling = None
 
 
-@torch.compiler.disable
+@torch.compiler.disable(reason=wrapper.REASON)
 def _denoiser_pre(site: _DenoiserSite, args: tuple, kwargs: dict, compiling: bool) -> Any:
     return site.pre(args, kwargs, compiling)
 
 
-@torch.compiler.disable
+@torch.compiler.disable(reason=wrapper.REASON)
 def _measured_call(site: _DenoiserSite, inner: Any, args: tuple, kwargs: dict) -> Any:
     """The first call of an input signature runs under the FLOP counter, with compiled regions
     forced eager, so measuring never happens inside (or leaves guards on) a compiled frame."""
@@ -257,7 +257,7 @@ class _DenoiserHook(wrapper.Hook):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         site = self.site
         if site is None:
-            return self.inner(*args, **kwargs)
+            return super().__call__(*args, **kwargs)
         compiling = torch.compiler.is_compiling()
         if compiling and getattr(self.owner, "idle", False):
             return self.inner(*args, **kwargs)

@@ -36,12 +36,18 @@ class Site(Protocol):
     def post(self, args: tuple, kwargs: dict, out: Any) -> Any: ...
 
 
-@torch.compiler.disable
+# Named in dynamo's error when a caching policy meets torch.compile(fullgraph=True).
+REASON = ("dcache's caching decision depends on the data and cannot be traced: compile the blocks "
+          "(regional compile: pipe.transformer.compile_repeated_blocks()) or use fullgraph=False; "
+          "policy 'none' compiles with fullgraph=True")
+
+
+@torch.compiler.disable(reason=REASON)
 def _pre(site: Site, args: tuple, kwargs: dict) -> Any:
     return site.pre(args, kwargs)
 
 
-@torch.compiler.disable
+@torch.compiler.disable(reason=REASON)
 def _post(site: Site, args: tuple, kwargs: dict, out: Any) -> Any:
     return site.post(args, kwargs, out)
 
@@ -68,6 +74,8 @@ class Hook:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         site = self.site
         if site is None:
+            if not torch.compiler.is_compiling() and self.module.__dict__.get("forward") is self:
+                self.remove()  # the layer that wrapped this inert hook is gone: step out too
             return self.inner(*args, **kwargs)
         if torch.compiler.is_compiling() and getattr(self.owner, "idle", False):
             return self.inner(*args, **kwargs)

@@ -18,11 +18,12 @@ def _seed():
     torch.manual_seed(0)
 
 
-def flux(cfg: bool = False):
+def flux(cfg: bool = False, layers: int = 2, single_layers: int = 2):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     _seed()
-    tr = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=layers, num_single_layers=single_layers,
+                                attention_head_dim=16,
                                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
                                 axes_dims_rope=[4, 4, 8]).eval()
     _seed()
@@ -118,6 +119,21 @@ def wan():
     kw = dict(prompt_embeds=torch.randn(1, 16, 32), negative_prompt_embeds=torch.randn(1, 16, 32), height=16, width=16,
               num_frames=5, guidance_scale=5.0, output_type="pt")
     return pipe, kw, "frames", tr.blocks[-1].attn1.to_q
+
+
+def wan22():
+    """Wan 2.2 layout: two experts (``transformer`` for high noise, ``transformer_2`` for low)."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    pipe, kw, attr, _ = wan()
+    _seed()
+    torch.manual_seed(1)
+    tr2 = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+                                out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=3,
+                                cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=pipe.vae, scheduler=pipe.scheduler,
+                       transformer=pipe.transformer, transformer_2=tr2, boundary_ratio=0.9)
+    return pipe, kw, attr, tr2.blocks[-1].attn1.to_q
 
 
 def cogvideox():
@@ -238,12 +254,19 @@ def sd_unet():
     return pipe, kw, "images", unet.up_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
 
 
+def flux_micro():
+    """Flux with one block of each kind: compile tests trace it in seconds."""
+    return flux(layers=1, single_layers=1)
+
+
 FACTORIES = {
     "flux": flux,
+    "flux_micro": flux_micro,
     "sd3": sd3,
     "pixart": pixart,
     "dit": dit,
     "wan": wan,
+    "wan22": wan22,
     "cogvideox": cogvideox,
     "hunyuan_video": hunyuan_video,
     "ltx": ltx,
