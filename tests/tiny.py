@@ -42,6 +42,26 @@ def flux(cfg: bool = False, layers: int = 2, single_layers: int = 2):
     return pipe, kw, "images", tr.single_transformer_blocks[-1].attn.to_q
 
 
+def flux_controlnet():
+    """Flux with a ControlNet: the model adds ``controlnet_block_samples`` between its blocks."""
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+
+    pipe, kw, attr, inner = flux()
+    _seed()
+    cn = FluxControlNetModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                             axes_dims_rope=[4, 4, 8]).eval()
+    with torch.no_grad():  # zero-initialised output projections would add nothing
+        for p in cn.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.3)
+    pipe = FluxControlNetPipeline(scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=None, tokenizer=None,
+                                  text_encoder_2=None, tokenizer_2=None, transformer=pipe.transformer, controlnet=cn)
+    _seed()
+    kw = dict(kw, control_image=torch.rand(1, 3, 16, 16), controlnet_conditioning_scale=1.0)
+    return pipe, kw, attr, inner
+
+
 def sd3():
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
@@ -262,6 +282,7 @@ def flux_micro():
 FACTORIES = {
     "flux": flux,
     "flux_micro": flux_micro,
+    "flux_controlnet": flux_controlnet,
     "sd3": sd3,
     "pixart": pixart,
     "dit": dit,
