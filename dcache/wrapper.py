@@ -77,7 +77,12 @@ class Hook:
             if not torch.compiler.is_compiling() and self.module.__dict__.get("forward") is self:
                 self.remove()  # the layer that wrapped this inert hook is gone: step out too
             return self.inner(*args, **kwargs)
-        if torch.compiler.is_compiling() and getattr(self.owner, "idle", False):
+        if not torch.compiler.is_compiling():
+            res = site.pre(args, kwargs)  # eager: no need for the disable wrapper's frame switch
+            if res is not CALL:
+                return res
+            return site.post(args, kwargs, self.inner(*args, **kwargs))
+        if getattr(self.owner, "idle", False):
             return self.inner(*args, **kwargs)
         res = _pre(site, args, kwargs)
         if res is not CALL:
