@@ -75,7 +75,7 @@ class Run:
         self.flops_avoided = 0.0
         self.flops_measured = True
         self.peak_cache_bytes = 0
-        self._avoided: list[str] = []
+        self._avoided: list[tuple[str, float]] = []
         # One entry per denoiser call: what each site did (the demo's per-step timeline).
         self.timeline: list[dict[str, Any]] = []
 
@@ -155,12 +155,13 @@ class Run:
             d = self.site_counts.setdefault(site, {"computed": 0, "reused": 0, "forecast": 0})
             d[kind] += n
 
-    def avoid(self, module_name: str) -> None:
-        """Record that ``module_name`` was skipped in the current call (priced when the call ends)."""
-        self._avoided.append(module_name)
+    def avoid(self, module_name: str, fraction: float = 1.0) -> None:
+        """Record that ``module_name`` was skipped in the current call (or ``fraction`` of its
+        batch rows were); priced when the call ends."""
+        self._avoided.append((module_name, fraction))
 
     def pending_avoided(self, table: Any) -> float:
-        total = sum(table.of(n) for n in self._avoided) if table is not None else 0.0
+        total = sum(table.of(n) * f for n, f in self._avoided) if table is not None else 0.0
         self._avoided.clear()
         return total
 

@@ -27,6 +27,16 @@ import torch
 
 _MISSING = object()
 CALL = object()  # returned by ``pre``: run the original forward
+
+
+class CallWith:
+    """Returned by ``pre``: run the original forward on these arguments (a sub-batch); ``post``
+    still receives the call's own arguments, to scatter the result back."""
+
+    __slots__ = ("args", "kwargs")
+
+    def __init__(self, args: tuple, kwargs: dict) -> None:
+        self.args, self.kwargs = args, kwargs
 _ATTR = "_dcache_hook"
 
 
@@ -79,15 +89,19 @@ class Hook:
             return self.inner(*args, **kwargs)
         if not torch.compiler.is_compiling():
             res = site.pre(args, kwargs)  # eager: no need for the disable wrapper's frame switch
-            if res is not CALL:
-                return res
-            return site.post(args, kwargs, self.inner(*args, **kwargs))
+            if res is CALL:
+                return site.post(args, kwargs, self.inner(*args, **kwargs))
+            if type(res) is CallWith:
+                return site.post(args, kwargs, self.inner(*res.args, **res.kwargs))
+            return res
         if getattr(self.owner, "idle", False):
             return self.inner(*args, **kwargs)
         res = _pre(site, args, kwargs)
-        if res is not CALL:
-            return res
-        return _post(site, args, kwargs, self.inner(*args, **kwargs))
+        if res is CALL:
+            return _post(site, args, kwargs, self.inner(*args, **kwargs))
+        if type(res) is CallWith:
+            return _post(site, args, kwargs, self.inner(*res.args, **res.kwargs))
+        return res
 
     # -- removal ---------------------------------------------------------------------------------
     def remove(self) -> None:

@@ -6,6 +6,11 @@ the policy decides: on COMPUTE the span runs and its residual is stored for the 
 the first span block returns ``input + residual`` and the other span blocks pass their inputs
 through without running, so none of their inner layers is called.
 
+Per-sample decisions (``policy.per_sample``; ``decide`` returns a bool per batch row): when only
+some rows must compute, every span block runs on those rows only (each top-level tensor argument
+whose first dimension is the batch is sliced) and its output is scattered back into the full
+batch; at the last span block the other rows get their own cached residual.
+
 The residual is the span's own contribution: ``out(last) - in(first)`` minus whatever the model
 added *between* span blocks (Flux ControlNet's ``controlnet_block_samples``). On a reused step
 the model adds this step's samples to the passed-through stream itself, so they count once.
@@ -21,14 +26,14 @@ import torch
 
 from dcache.installers._common import pack, same_shape, unpack
 from dcache.pipelines.adapters.base import BlockSpec, get_arg
-from dcache.wrapper import CALL
+from dcache.wrapper import CALL, CallWith
 
 
 class ChainState:
     """Per-branch bookkeeping of one chain (lives in the Run)."""
 
     __slots__ = ("policy_state", "call", "mode", "capture", "start", "probe", "h_in", "e_in", "prev_h", "prev_e",
-                 "ext_h", "ext_e", "res_h", "res_e", "step")
+                 "ext_h", "ext_e", "res_h", "res_e", "step", "rows", "block_in")
 
     def __init__(self, policy_state: Any) -> None:
         self.policy_state = policy_state
@@ -44,6 +49,8 @@ class ChainState:
         self.start = self.probe = self.h_in = self.e_in = self.prev_h = self.prev_e = None
         self.ext_h = self.ext_e = None
         self.step = None
+        self.rows: torch.Tensor | None = None  # per-sample: the batch rows computed this call
+        self.block_in: tuple | None = None
 
     def cache_nbytes(self) -> int:
         # Only the residuals and the policy's references outlive a step.
@@ -88,6 +95,8 @@ class _BlockSite:
             if enc is not None and cs.prev_e is not None and enc is not cs.prev_e:
                 d = enc - cs.prev_e
                 cs.ext_e = d if cs.ext_e is None else cs.ext_e + d
+        if cs.rows is not None:
+            return _rows_call(cs, hidden, enc, args, kwargs)
         return CALL
 
     def post(self, args: tuple, kwargs: dict, out: Any) -> Any:
@@ -96,11 +105,47 @@ class _BlockSite:
         if step is None or not (ch.first <= self.i <= ch.last):
             return out
         cs = ch.state(run, step)
+        if cs.rows is not None and cs.mode == "compute":
+            out = _scatter_rows(ch, cs, self.spec, out, self.i == ch.last)
         if cs.capture:
             cs.prev_h, cs.prev_e = unpack(self.spec, out)
             if self.i == ch.last:
                 ch.finish(run, step, cs)
         return out
+
+
+def _rows_call(cs: ChainState, hidden: torch.Tensor, enc: Any, args: tuple, kwargs: dict) -> CallWith:
+    rows, batch = cs.rows, hidden.shape[0]
+
+    def take(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch:
+            return v.index_select(0, rows)
+        return v
+
+    cs.block_in = (hidden, enc)
+    return CallWith(tuple(take(a) for a in args), {k: take(v) for k, v in kwargs.items()})
+
+
+def _scatter_rows(ch: "_Chain", cs: ChainState, spec: BlockSpec, out: Any, last: bool) -> Any:
+    """Full-batch output of a block run on ``cs.rows``: computed rows from ``out``, the other rows
+    carry their input through, plus (at the last span block) their cached residual."""
+    h_full, e_full = cs.block_in
+    out_h, out_e = unpack(spec, out)
+    full_h = h_full.index_copy(0, cs.rows, out_h)
+    full_e = None
+    if out_e is not None:
+        full_e = e_full.index_copy(0, cs.rows, out_e) if e_full is not None else None
+    if last:
+        keep = torch.ones(full_h.shape[0], dtype=torch.bool, device=full_h.device)
+        keep[cs.rows] = False
+        mask = keep.view(-1, *([1] * (full_h.dim() - 1)))
+        cs.prev_h, cs.prev_e = full_h, full_e  # the residual update only reads the computed rows
+        full_h = torch.where(mask, full_h + cs.res_h, full_h)
+        if full_e is not None and cs.res_e is not None:
+            full_e = torch.where(keep.view(-1, *([1] * (full_e.dim() - 1))), full_e + cs.res_e, full_e)
+        ch.finish_rows(cs)
+        return pack(spec, full_h, full_e if out_e is not None else None)
+    return pack(spec, full_h, full_e if out_e is not None else None)
 
 
 class _Chain:
@@ -126,6 +171,7 @@ class _Chain:
         policy = self.policy
         key = (self.pid, "decision")
         compute = step.decisions.get(key) if step.sub > 0 else None
+        rows = None
         if compute is None:
             if policy.needs_probe:
                 signal = cs.probe if cs.probe is not None else self.target.adapter.teacache_probe(block, args, kwargs)
@@ -136,15 +182,32 @@ class _Chain:
             if signal is None and (policy.needs_probe or self.first > 0):
                 compute = True  # the head did not run this call: nothing to compare
             else:
-                compute = bool(policy.decide(cs.policy_state, step, signal))
+                compute = policy.decide(cs.policy_state, step, signal)
             step.decisions[key] = compute
+        if isinstance(compute, torch.Tensor):  # per-sample: a bool per batch row
+            if bool(compute.all()):
+                compute = True
+            elif not bool(compute.any()):
+                compute = False
+            else:
+                rows = compute.nonzero().flatten().to(hidden.device)
+                compute = False  # the guard below decides whether the other rows can reuse
         cs.start = cs.probe = None
         if not compute and not (same_shape(cs.res_h, hidden) and (cs.res_e is None or same_shape(cs.res_e, enc))):
             # Guard: the batch or shape changed since the residual was cached (dynamic CFG drops the
             # uncond half mid-run). Compute and re-seed the policy's history.
             compute = True
+            rows = None
             cs.policy_state.reset()
             cs.res_h = cs.res_e = None
+        if rows is not None:
+            cs.mode, cs.capture, cs.step, cs.rows = "compute", True, step, rows
+            cs.h_in, cs.e_in = hidden, enc
+            run.count("computed", self.site)
+            reused = 1.0 - rows.numel() / hidden.shape[0]
+            for name in self.span_names:
+                run.avoid(name, reused)
+            return _rows_call(cs, hidden, enc, args, kwargs)
         if not compute:
             cs.mode = "reuse"
             run.count("reused", self.site)
@@ -176,6 +239,23 @@ class _Chain:
         self.policy.after_compute(cs.policy_state, step, cs.h_in, cs.prev_h)
         cs.capture = False
         cs.h_in = cs.e_in = cs.prev_h = cs.prev_e = cs.ext_h = cs.ext_e = None
+
+    def finish_rows(self, cs: ChainState) -> None:
+        """Per-sample: refresh the residual of the computed rows only."""
+        rows = cs.rows
+        res_h = cs.prev_h - cs.h_in
+        if cs.ext_h is not None:
+            res_h = res_h - cs.ext_h
+        cs.res_h = cs.res_h.index_copy(0, rows, res_h.index_select(0, rows))
+        if cs.res_e is not None and cs.prev_e is not None and cs.e_in is not None:
+            res_e = cs.prev_e - cs.e_in
+            if cs.ext_e is not None:
+                res_e = res_e - cs.ext_e
+            cs.res_e = cs.res_e.index_copy(0, rows, res_e.index_select(0, rows))
+        self.policy.after_compute(cs.policy_state, cs.step, cs.h_in, cs.prev_h)
+        cs.capture = False
+        cs.h_in = cs.e_in = cs.prev_h = cs.prev_e = cs.ext_h = cs.ext_e = None
+        cs.rows = cs.block_in = None
 
     def end_call(self, run: Any, step: Any) -> None:
         cs = run.cache.get((self.pid, "chain", step.branch))

@@ -39,7 +39,9 @@ class _WholeModel:
         compute = step.decisions.get(key) if step.sub > 0 else None
         if compute is None:
             signal = t.adapter.model_probe(t.denoiser, args, kwargs) if policy.needs_probe else None
-            compute = step.decisions[key] = bool(policy.decide(state, step, signal))
+            compute = policy.decide(state, step, signal)
+            # Per-sample decisions are reduced here: a UNet call computes every row or none.
+            compute = step.decisions[key] = bool(compute.any()) if isinstance(compute, torch.Tensor) else bool(compute)
         cached = run.cache.get((self.pid, "output", step.branch))
         sample = get_arg(t.denoiser, "sample", args, kwargs)
         if not compute and cached is not None and (sample is None or cached[0].shape == sample.shape):
