@@ -121,6 +121,7 @@ def install(obj: Any, configs: list) -> Any:
                 raise ValueError(
                     f"{type(denoiser).__name__} has no transformer blocks in {adapter.block_lists}; nothing to cache")
             env = _env(adapter, denoiser, target.blocks)
+            target.parallel_config = getattr(denoiser, "_parallel_config", None)
             handle.targets.append(target)
             for config in configs:
                 policy = config.build(env)
@@ -192,6 +193,14 @@ class _DenoiserSite:
         h = t.handle
         if h.calling is not None and h.run is not None:
             h.run.end_call()  # the previous call raised before finishing: close it
+        cfg = getattr(t.denoiser, "_parallel_config", None)
+        if cfg is not t.parallel_config:
+            # Parallelism enabled (or changed) after accelerate: take its group now, so data-dependent
+            # decisions are reduced over the ranks that shard this denoiser's sequence.
+            t.parallel_config = cfg
+            group = _parallel_group(t.denoiser)
+            for p in t.policies:
+                p.group = group
         ts = t.adapter.timestep(t.denoiser, args, kwargs)
         run = h.run_for_call(ts)
         step = run.next_call(ts)

@@ -36,6 +36,7 @@ class Target:
         # Called when a denoiser call ends (block chains finish a residual whose last block was skipped).
         self.end_call: list[Callable[[Run, Step], None]] = []
         self.flop_tables = flops_mod.tables_for(denoiser)
+        self.parallel_config: Any = None  # the denoiser's diffusers parallel config seen last
 
     def hook(self, module: torch.nn.Module, site: Any) -> None:
         self.hooks.append(wrapper.install(module, site, self.handle))
