@@ -8,9 +8,12 @@
     in one run — target: ``none`` within 2% of plain.
 
 Runs alternate (plain, none, plain, none, ...) so drift in machine load hits both sides alike;
-the figures are medians. Writes ``bench/results/overhead.json``.
+the figures are medians, with the (min, max) spread. Each generation is timed twice: wall clock,
+and this process's CPU time (``time.process_time``), which on a shared machine is far less
+disturbed by other jobs (with one thread, CPU time is the work done). Writes
+``bench/results/overhead.json``.
 
-    OMP_NUM_THREADS=1 python bench/overhead.py --threads 1 [--repeats 7] [--steps 12] [--small-repeats 15]
+    OMP_NUM_THREADS=1 python bench/overhead.py --threads 1 [--repeats 7] [--steps 12] [--size 64] [--small-repeats 15]
 """
 
 from __future__ import annotations
@@ -106,10 +109,14 @@ def main_model(args) -> dict:
     kw = dict(prompt_embeds=torch.randn(1, 32, 128), pooled_prompt_embeds=torch.randn(1, 128), height=args.size,
               width=args.size, num_inference_steps=args.steps, guidance_scale=3.5, output_type="pt")
 
-    def generate() -> float:
-        t0 = time.perf_counter()
+    cpu: dict[str, list[float]] = {"plain": [], "none": []}
+
+    def generate(kind: str | None = None) -> float:
+        t0, c0 = time.perf_counter(), time.process_time()
         with torch.no_grad():
             pipe(generator=torch.Generator().manual_seed(0), **kw)
+        if kind is not None:
+            cpu[kind].append(time.process_time() - c0)
         return time.perf_counter() - t0
 
     # Warm-up: first calls allocate, and dcache measures FLOPs once per input shape.
@@ -120,9 +127,9 @@ def main_model(args) -> dict:
 
     plain, none = [], []
     for _ in range(args.repeats):
-        plain.append(generate())
+        plain.append(generate("plain"))
         dcache.accelerate(pipe, "none")
-        none.append(generate())
+        none.append(generate("none"))
         dcache.disable(pipe)
 
     # (b): one full call then reused calls only (static with an interval longer than the run).
@@ -154,6 +161,11 @@ def main_model(args) -> dict:
         "none_generation_spread_s": spread(none),
         "none_overhead_ratio": med(none) / med(plain),
         "none_overhead_target": 1.02,
+        "plain_generation_cpu_s": med(cpu["plain"]),
+        "none_generation_cpu_s": med(cpu["none"]),
+        "plain_generation_cpu_spread_s": spread(cpu["plain"]),
+        "none_generation_cpu_spread_s": spread(cpu["none"]),
+        "none_overhead_ratio_cpu": med(cpu["none"]) / med(cpu["plain"]),
         "full_call_s": med(full_calls),
         "reused_call_s": med(reused_calls),
         "reused_vs_full_ratio": med(reused_calls) / med(full_calls),
@@ -171,11 +183,11 @@ def small_model(args) -> dict:
               num_inference_steps=20, guidance_scale=3.5, output_type="pt")
     tr = pipe.transformer
 
-    def generate() -> float:
-        t0 = time.perf_counter()
+    def generate() -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
         with torch.no_grad():
             pipe(generator=torch.Generator().manual_seed(0), **kw)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     def setup(kind: str) -> None:
         if kind == "dcache_none":
@@ -193,6 +205,7 @@ def small_model(args) -> dict:
 
     kinds = ["plain", "dcache_none", "dcache_fbcache_never_skips", "diffusers_fbc_never_skips"]
     times: dict[str, list[float]] = {k: [] for k in kinds}
+    cpu: dict[str, list[float]] = {k: [] for k in kinds}
     inner = tr.single_transformer_blocks[-1].attn.to_q
     calls: dict[str, int] = {}
     for kind in kinds:  # warm-up (allocations, dcache's one FLOP measurement per shape)
@@ -208,7 +221,9 @@ def small_model(args) -> dict:
     for _ in range(args.small_repeats):
         for kind in kinds:
             setup(kind)
-            times[kind].append(generate())
+            wall, c = generate()
+            times[kind].append(wall)
+            cpu[kind].append(c)
             teardown(kind)
     med = statistics.median
     base = med(times["plain"])
@@ -221,6 +236,9 @@ def small_model(args) -> dict:
         "median_generation_s": {k: med(v) for k, v in times.items()},
         "spread_generation_s": {k: spread(v) for k, v in times.items()},
         "ratio_to_plain": {k: med(v) / base for k, v in times.items()},
+        "median_generation_cpu_s": {k: med(v) for k, v in cpu.items()},
+        "spread_generation_cpu_s": {k: spread(v) for k, v in cpu.items()},
+        "ratio_to_plain_cpu": {k: med(v) / med(cpu["plain"]) for k, v in cpu.items()},
         "none_target_ratio": 1.02,
     }
 

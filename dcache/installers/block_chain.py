@@ -159,11 +159,21 @@ class _Chain:
         self.pid = id(policy)
         self.span_names = [target.names[b] for b in target.blocks[self.first: self.last + 1]]
         self.site = f"{target.prefix}blocks[{self.first}:{self.last + 1}]"
+        self._current: ChainState | None = None
 
     def state(self, run: Any, step: Any) -> ChainState:
-        cs = run.state((self.pid, "chain", step.branch), lambda: ChainState(self.policy.new_state()))
+        # Every block of the chain asks for the same state during one call: keep it at hand
+        # until the call ends (``end_call`` drops it, so no tensor outlives its Run).
+        cs = self._current
+        if cs is not None and cs.call == run.calls:
+            return cs
+        key = (self.pid, "chain", step.branch)
+        cs = run.cache.get(key)
+        if cs is None:
+            cs = run.cache[key] = ChainState(self.policy.new_state())
         if cs.call != run.calls:
             cs.new_call(run.calls)
+        self._current = cs
         return cs
 
     def decide(self, run: Any, step: Any, cs: ChainState, block: Any, args: tuple, kwargs: dict,
@@ -258,6 +268,7 @@ class _Chain:
         cs.rows = cs.block_in = None
 
     def end_call(self, run: Any, step: Any) -> None:
+        self._current = None
         cs = run.cache.get((self.pid, "chain", step.branch))
         if cs is not None and cs.call == run.calls and cs.capture:
             self.finish(run, step, cs)
