@@ -183,3 +183,43 @@ def test_batch_change_mid_run_computes_and_reseeds(family, policy, options, inpu
     at_switch = stats["timeline"][2]
     assert at_switch["sites"] and set(at_switch["sites"].values()) == {"computed"}
     assert any(v != "computed" for e in stats["timeline"][3:] for v in e["sites"].values())
+
+
+def test_teacache_on_hunyuan_video_token_replace_blocks():
+    """HunyuanVideo image-to-video builds token-replace blocks, whose norm1 takes the first
+    frame's own modulation: the TeaCache probe crashed on them."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    model = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10,
+                                           num_layers=2, num_single_layers=2, num_refiner_layers=1, patch_size=1,
+                                           patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
+                                           pooled_projection_dim=8, rope_axes_dim=(2, 4, 4),
+                                           image_condition_type="token_replace").eval()
+    assert type(model.transformer_blocks[0]).__name__ == "HunyuanVideoTokenReplaceTransformerBlock"
+    x = torch.randn(1, 4, 2, 4, 4)
+    common = dict(encoder_hidden_states=torch.randn(1, 8, 16), encoder_attention_mask=torch.ones(1, 8),
+                  pooled_projections=torch.randn(1, 8), guidance=torch.tensor([6000.0]), return_dict=False)
+    probe = model.transformer_blocks[0].norm1
+    seen = []
+    h = probe.register_forward_hook(lambda m, a, o: seen.append(o[0].detach().clone()))
+
+    def run():
+        outs = []
+        with torch.no_grad():
+            for t in (900.0, 800.0, 700.0, 600.0):
+                outs.append(model(hidden_states=x, timestep=torch.tensor([t]), **common)[0])
+        return outs
+
+    plain = run()
+    plain_probes, seen[:] = list(seen), []
+    try:
+        with dcache.accelerated(model, "teacache", threshold=1e6, coefficients=[1.0, 0.0], compute_last=False):
+            got = run()
+            stats = model.dcache.stats()
+    finally:
+        h.remove()
+    assert stats["reused"] == 3 and torch.equal(got[0], plain[0])
+    # The probe is the block's own token-replace modulated input: computed once per call by the
+    # adapter (the block's norm1 call), equal to the plain model's at the same step.
+    assert torch.equal(seen[0], plain_probes[0])
