@@ -2,11 +2,18 @@
 
 (a) policy ``none`` (every hook installed, nothing skipped) against the plain pipeline — target ≤ 2%.
 (b) a fully reused denoiser call against a full call — target ≤ 5%.
+(c) the hook cost where it shows most, a small fast model (random-init Flux, 4+12 blocks, hidden
+    128, 64 image tokens, 20 steps): plain, dcache ``none``, dcache ``fbcache`` that never skips
+    (threshold 0) and diffusers' own FirstBlockCache that never skips (threshold 0), side by side
+    in one run — target: ``none`` within 2% of plain.
 
 Runs alternate (plain, none, plain, none, ...) so drift in machine load hits both sides alike;
-the figures are medians. Writes ``bench/results/overhead.json``.
+the figures are medians, with the (min, max) spread. Each generation is timed twice: wall clock,
+and this process's CPU time (``time.process_time``), which on a shared machine is far less
+disturbed by other jobs (with one thread, CPU time is the work done). Writes
+``bench/results/overhead.json``.
 
-    python bench/overhead.py [--repeats 7] [--steps 12] [--out bench/results/overhead.json]
+    OMP_NUM_THREADS=1 python bench/overhead.py --threads 1 [--repeats 7] [--steps 12] [--size 64] [--small-repeats 15]
 """
 
 from __future__ import annotations
@@ -71,20 +78,45 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads", type=int, default=4, help="attention heads of 64 channels")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--single-layers", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--small-repeats", type=int, default=15, help="repeats of the small-model comparison (c)")
+    ap.add_argument("--skip-main", action="store_true", help="only run (c)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "overhead.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    result = {"benchmark": "overhead", "device": f"CPU ({platform.processor() or platform.machine()}), "
+                                                 f"{args.threads} threads", "python": sys.version.split()[0],
+              "torch": torch.__version__}
+    if not args.skip_main:
+        result.update(main_model(args))
+    result["small_model"] = small_model(args)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def spread(xs: list[float]) -> list[float]:
+    """(min, max) of the samples: how much the busy machine moved them."""
+    return [min(xs), max(xs)]
+
+
+def main_model(args) -> dict:
     pipe = build(args.heads, args.layers, args.single_layers)
     torch.manual_seed(1)
     kw = dict(prompt_embeds=torch.randn(1, 32, 128), pooled_prompt_embeds=torch.randn(1, 128), height=args.size,
               width=args.size, num_inference_steps=args.steps, guidance_scale=3.5, output_type="pt")
 
-    def generate() -> float:
-        t0 = time.perf_counter()
+    cpu: dict[str, list[float]] = {"plain": [], "none": []}
+
+    def generate(kind: str | None = None) -> float:
+        t0, c0 = time.perf_counter(), time.process_time()
         with torch.no_grad():
             pipe(generator=torch.Generator().manual_seed(0), **kw)
+        if kind is not None:
+            cpu[kind].append(time.process_time() - c0)
         return time.perf_counter() - t0
 
     # Warm-up: first calls allocate, and dcache measures FLOPs once per input shape.
@@ -95,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
 
     plain, none = [], []
     for _ in range(args.repeats):
-        plain.append(generate())
+        plain.append(generate("plain"))
         dcache.accelerate(pipe, "none")
-        none.append(generate())
+        none.append(generate("none"))
         dcache.disable(pipe)
 
     # (b): one full call then reused calls only (static with an interval longer than the run).
@@ -117,9 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     med = statistics.median
     tokens = (args.size // 2) ** 2
-    result = {
-        "benchmark": "overhead",
-        "device": f"CPU ({platform.processor() or platform.machine()}), {args.threads} threads",
+    return {
         "model": f"FluxTransformer2DModel hidden {64 * args.heads}, {args.layers}+{args.single_layers} blocks, "
                  f"{tokens} image tokens + 32 text tokens",
         "params_M": round(sum(p.numel() for p in pipe.transformer.parameters()) / 1e6, 2),
@@ -127,20 +157,90 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": args.repeats,
         "plain_generation_s": med(plain),
         "none_generation_s": med(none),
+        "plain_generation_spread_s": spread(plain),
+        "none_generation_spread_s": spread(none),
         "none_overhead_ratio": med(none) / med(plain),
         "none_overhead_target": 1.02,
+        "plain_generation_cpu_s": med(cpu["plain"]),
+        "none_generation_cpu_s": med(cpu["none"]),
+        "plain_generation_cpu_spread_s": spread(cpu["plain"]),
+        "none_generation_cpu_spread_s": spread(cpu["none"]),
+        "none_overhead_ratio_cpu": med(cpu["none"]) / med(cpu["plain"]),
         "full_call_s": med(full_calls),
         "reused_call_s": med(reused_calls),
         "reused_vs_full_ratio": med(reused_calls) / med(full_calls),
         "reused_vs_full_target": 0.05,
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(json.dumps(result, indent=2))
-    return 0
+
+
+def small_model(args) -> dict:
+    """(c): plain / dcache none / dcache fbcache(0) / diffusers FBC(0), interleaved per repeat."""
+    from diffusers import FirstBlockCacheConfig
+
+    pipe = build(2, 4, 12)
+    torch.manual_seed(1)
+    kw = dict(prompt_embeds=torch.randn(1, 16, 128), pooled_prompt_embeds=torch.randn(1, 128), height=16, width=16,
+              num_inference_steps=20, guidance_scale=3.5, output_type="pt")
+    tr = pipe.transformer
+
+    def generate() -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        with torch.no_grad():
+            pipe(generator=torch.Generator().manual_seed(0), **kw)
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    def setup(kind: str) -> None:
+        if kind == "dcache_none":
+            dcache.accelerate(pipe, "none")
+        elif kind == "dcache_fbcache_never_skips":
+            dcache.accelerate(pipe, "fbcache", threshold=0.0)
+        elif kind == "diffusers_fbc_never_skips":
+            tr.enable_cache(FirstBlockCacheConfig(threshold=0.0))
+
+    def teardown(kind: str) -> None:
+        if kind.startswith("dcache"):
+            dcache.disable(pipe)
+        elif kind.startswith("diffusers"):
+            tr.disable_cache()
+
+    kinds = ["plain", "dcache_none", "dcache_fbcache_never_skips", "diffusers_fbc_never_skips"]
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    cpu: dict[str, list[float]] = {k: [] for k in kinds}
+    inner = tr.single_transformer_blocks[-1].attn.to_q
+    calls: dict[str, int] = {}
+    for kind in kinds:  # warm-up (allocations, dcache's one FLOP measurement per shape)
+        n = [0]
+        h = inner.register_forward_hook(lambda *a: n.__setitem__(0, n[0] + 1))
+        setup(kind)
+        generate()
+        teardown(kind)
+        h.remove()
+        calls[kind] = n[0]
+    # Every variant must run every block: this measures hook cost, not skipping.
+    assert len(set(calls.values())) == 1, f"a variant skipped work: {calls}"
+    for _ in range(args.small_repeats):
+        for kind in kinds:
+            setup(kind)
+            wall, c = generate()
+            times[kind].append(wall)
+            cpu[kind].append(c)
+            teardown(kind)
+    med = statistics.median
+    base = med(times["plain"])
+    return {
+        "model": "FluxTransformer2DModel hidden 128, 4+12 blocks, 64 image + 16 text tokens",
+        "params_M": round(sum(p.numel() for p in tr.parameters()) / 1e6, 2),
+        "steps": 20,
+        "repeats": args.small_repeats,
+        "order": "interleaved: " + ", ".join(kinds) + ", repeated",
+        "median_generation_s": {k: med(v) for k, v in times.items()},
+        "spread_generation_s": {k: spread(v) for k, v in times.items()},
+        "ratio_to_plain": {k: med(v) / base for k, v in times.items()},
+        "median_generation_cpu_s": {k: med(v) for k, v in cpu.items()},
+        "spread_generation_cpu_s": {k: spread(v) for k, v in cpu.items()},
+        "ratio_to_plain_cpu": {k: med(v) / med(cpu["plain"]) for k, v in cpu.items()},
+        "none_target_ratio": 1.02,
+    }
 
 
 if __name__ == "__main__":

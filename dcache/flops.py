@@ -14,15 +14,18 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def signature(args: tuple, kwargs: dict) -> tuple:
-    def sig(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return (tuple(v.shape), v.dtype, v.device.type)
-        if isinstance(v, (list, tuple)):
-            return tuple(sig(x) for x in v)
-        return None
+def _sig(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return (v.shape, v.dtype)
+    if isinstance(v, (list, tuple)):
+        # Lists of tensors (ControlNet samples): their number and first shape say enough.
+        return (len(v), _sig(v[0]) if v else None)
+    return None
 
-    return (sig(args), tuple(sorted((k, sig(v)) for k, v in kwargs.items())))
+
+def signature(args: tuple, kwargs: dict) -> tuple:
+    """Key of a FLOP table: shapes and dtypes of the call's tensors (computed on every call: cheap)."""
+    return (tuple(_sig(a) for a in args), tuple((k, _sig(v)) for k, v in kwargs.items()))
 
 
 _TABLES: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, FlopTable]]" = weakref.WeakKeyDictionary()

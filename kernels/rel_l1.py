@@ -72,3 +72,20 @@ def rel_l1(a: torch.Tensor, b: torch.Tensor, group: object | None = None) -> tor
     if use_triton(a, b):
         return rel_l1_triton(a, b)
     return rel_l1_torch(a, b)
+
+
+def rel_l1_rows(a: torch.Tensor, b: torch.Tensor, group: object | None = None) -> torch.Tensor:
+    """Per batch row ``Σ|a - b| / Σ|b|`` over the other dimensions, shape ``(batch,)`` (float32).
+
+    For per-sample decisions. ``group`` as in :func:`rel_l1`: both per-row sums are all-reduced
+    over the context-parallel group before dividing. Plain torch (one pass per sum) everywhere.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    af, bf = a.float().reshape(a.shape[0], -1), b.float().reshape(b.shape[0], -1)
+    sums = torch.stack([(af - bf).abs().sum(dim=1), bf.abs().sum(dim=1)])
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(sums, group=group)
+    return sums[0] / sums[1].clamp_min(_EPS)

@@ -1,90 +1,26 @@
-"""The two shapes a policy takes: a step-level decider and a module-level forecaster.
+"""The policy base classes, one file per granularity, re-exported here.
 
-The engine (``dcache.step_cache`` / ``dcache.module_cache``) owns hooks, tensors and accounting;
-a policy only decides. Per-branch state comes from ``new_state()`` and lives in the Run, so it is
-fresh at the start of every generation and separate for the cond and uncond passes.
+The engine (``dcache.installers``) owns hooks, tensors and accounting; a policy only decides.
+Per-branch state comes from ``new_state()`` and lives in the Run, so it is fresh at the start of
+every generation and separate for the cond and uncond passes.
+
+==============  ==========================  ====================================
+granularity     base class (file)           installer (``dcache/installers/``)
+==============  ==========================  ====================================
+step            StepPolicy (_step.py)       block_chain.py, whole_model.py (UNets)
+module          ModulePolicy (_module.py)   module_sites.py
+block           BlockPolicy (_block.py)     block_range.py
+guidance        GuidancePolicy (_guidance)  guidance.py
+==============  ==========================  ====================================
 """
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass
-from typing import Any
+from dcache.schedulers._block import BlockPolicy
+from dcache.schedulers._common import Action, Policy, PolicyEnv, PolicyState
+from dcache.schedulers._guidance import GuidancePolicy
+from dcache.schedulers._module import ModulePolicy
+from dcache.schedulers._step import StepPolicy
 
-import torch
-
-
-class Action(str, enum.Enum):
-    COMPUTE = "compute"
-    REUSE = "reuse"
-    FORECAST = "forecast"
-
-
-@dataclass
-class PolicyEnv:
-    """What the engine tells a policy about the model it is installed on (never the model itself)."""
-
-    family: str
-    num_blocks: int
-    has_blocks: bool
-    teacache_coefficients: list[float] | None = None
-    coefficients_source: str = ""
-    model_id: str = ""
-    # Process group of a context-parallel denoiser: data-dependent decisions reduce over it.
-    parallel_group: Any = None
-
-
-class PolicyState:
-    def reset(self) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-
-class StepPolicy:
-    """Decides per step whether the block chain (or whole model) is computed or its residual reused.
-
-    ``head_blocks`` run before the decision (FBCache's first block), ``tail_blocks`` always run
-    after the cached span. ``needs_probe`` asks the engine for the adapter's TeaCache probe.
-    """
-
-    granularity = "step"
-    group: Any = None  # set from PolicyEnv.parallel_group by the engine
-    head_blocks = 0
-    tail_blocks = 0
-    needs_probe = False
-
-    def new_state(self) -> PolicyState:
-        raise NotImplementedError
-
-    def decide(self, state: Any, step: Any, signal: torch.Tensor | None) -> bool:
-        """Return True to compute the span this step, False to reuse the cached residual."""
-        raise NotImplementedError
-
-    def after_compute(self, state: Any, step: Any, span_input: torch.Tensor, span_output: torch.Tensor) -> None:
-        """Called after a computed span with its (image-stream) input and output."""
-
-    def on_run_end(self) -> None:
-        """Called when a generation ends (calibration hooks)."""
-
-
-class ModulePolicy:
-    """Decides per step whether module sites are computed or forecast from their history."""
-
-    granularity = "module"
-
-    def new_state(self) -> PolicyState:
-        raise NotImplementedError
-
-    def action(self, state: Any, step: Any) -> Action:
-        raise NotImplementedError
-
-    def new_site_state(self) -> Any:
-        raise NotImplementedError
-
-    def store(self, site_state: Any, value: torch.Tensor, step: Any) -> None:
-        raise NotImplementedError
-
-    def produce(self, site_state: Any, step: Any) -> torch.Tensor:
-        raise NotImplementedError
-
-    def on_run_end(self) -> None:
-        pass
+__all__ = ["Action", "Policy", "PolicyEnv", "PolicyState", "StepPolicy", "ModulePolicy", "BlockPolicy",
+           "GuidancePolicy"]

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from dcache.kernels.rel_l1 import rel_l1
+from dcache.kernels.rel_l1 import rel_l1, rel_l1_rows
 from dcache.registry import register_policy
 from dcache.schedulers._base import PolicyEnv, PolicyState, StepPolicy
-from dcache.schedulers._validate import check_float, check_int
+from dcache.schedulers._validate import check_bool, check_float, check_int
 
 
 class FBCacheState(PolicyState):
@@ -43,12 +43,15 @@ class FBCachePolicy(StepPolicy):
         self.config = config
         self.head_blocks = config.fn_blocks
         self.tail_blocks = config.bn_blocks
+        self.per_sample = config.per_sample
 
     def new_state(self) -> FBCacheState:
         return FBCacheState()
 
     @torch.compiler.disable
-    def decide(self, state: FBCacheState, step: Any, signal: torch.Tensor | None) -> bool:
+    def decide(self, state: FBCacheState, step: Any, signal: torch.Tensor | None) -> Any:
+        if self.per_sample:
+            return self._decide_rows(state, step, signal)
         c = self.config
         reuse = False
         if state.reference is not None and state.reference.shape == signal.shape and step.index >= c.warmup_steps:
@@ -63,6 +66,25 @@ class FBCachePolicy(StepPolicy):
         state.consecutive = 0
         return True
 
+    def _decide_rows(self, state: FBCacheState, step: Any, signal: torch.Tensor) -> Any:
+        """One reference per batch row: a row's reference moves only when that row is computed."""
+        c = self.config
+        ref = state.reference
+        if ref is None or ref.shape != signal.shape or step.index < c.warmup_steps:
+            state.reference = signal.detach().clone()
+            state.consecutive = torch.zeros(signal.shape[0], dtype=torch.long)
+            return True
+        d = rel_l1_rows(signal, ref, self.group).cpu()
+        state.last_distance = d
+        reuse = d < c.threshold
+        if c.max_consecutive:
+            reuse &= state.consecutive < c.max_consecutive
+        state.consecutive = torch.where(reuse, state.consecutive + 1, torch.zeros_like(state.consecutive))
+        compute = ~reuse
+        rows = compute.nonzero().flatten().to(signal.device)
+        state.reference[rows] = signal.detach()[rows]
+        return compute
+
 
 @register_policy("fbcache", description="first-block residual test against the last full step; Fn/Bn dual-block variant", granularity="step")
 @dataclass
@@ -76,6 +98,8 @@ class FBCacheConfig:
         bn_blocks: trailing blocks always computed after the reused span (≥ 0).
         warmup_steps: leading steps always computed.
         max_consecutive: cap on consecutive reused steps (0 = no cap).
+        per_sample: one reference and decision per batch row: changed rows are computed, the
+            others reuse (default: one decision for the whole batch).
     """
 
     threshold: float = 0.08
@@ -83,6 +107,7 @@ class FBCacheConfig:
     bn_blocks: int = 0
     warmup_steps: int = 1
     max_consecutive: int = 0
+    per_sample: bool = False
 
     def __post_init__(self) -> None:
         check_float("fbcache", "threshold", self.threshold, 0.0)
@@ -90,6 +115,7 @@ class FBCacheConfig:
         check_int("fbcache", "bn_blocks", self.bn_blocks, 0)
         check_int("fbcache", "warmup_steps", self.warmup_steps, 0)
         check_int("fbcache", "max_consecutive", self.max_consecutive, 0)
+        check_bool("fbcache", "per_sample", self.per_sample)
 
     def build(self, env: PolicyEnv) -> FBCachePolicy:
         if not env.has_blocks:

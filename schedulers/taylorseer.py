@@ -85,6 +85,10 @@ class TaylorSeerPolicy(ModulePolicy):
         if site.terms is None or site.terms.shape[1:] != value.shape or site.terms.dtype != dtype:
             site.terms = torch.empty((self.config.order + 1, *value.shape), dtype=dtype, device=value.device)
             site.n_valid = 0
+        if site.n_valid > 0 and step.index == site.last_step:
+            # A second call in the same step (a second-order scheduler's corrector): the
+            # differences are over steps, so the history keeps the step's first value.
+            return
         distance = max(step.index - site.last_step, 1)
         site.n_valid = taylor.update(site.terms, site.n_valid, value.detach(), float(distance))
         site.last_step = step.index

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dcache.kernels.rel_l1 import rel_l1
+from dcache.kernels.rel_l1 import rel_l1, rel_l1_rows
 from dcache.registry import register_policy
 from dcache.schedulers._base import PolicyEnv, PolicyState, StepPolicy
 from dcache.schedulers._validate import check_bool, check_float, check_int
@@ -58,8 +58,11 @@ class TeaCacheState(PolicyState):
 class TeaCachePolicy(StepPolicy):
     needs_probe = True
 
-    def __init__(self, config: "TeaCacheConfig", coefficients: list[float], model_id: str = "") -> None:
+    def __init__(self, config: "TeaCacheConfig", coefficients: list[float], model_id: str = "",
+                 warmup_steps: int = 1) -> None:
         self.config = config
+        self.warmup_steps = warmup_steps
+        self.per_sample = config.per_sample
         self.model_id = model_id  # recorded in the calibration file
         self.coefficients = list(coefficients)
         self._poly = np.poly1d(self.coefficients)
@@ -69,7 +72,9 @@ class TeaCachePolicy(StepPolicy):
         return TeaCacheState()
 
     @torch.compiler.disable
-    def decide(self, state: TeaCacheState, step: Any, signal: torch.Tensor | None) -> bool:
+    def decide(self, state: TeaCacheState, step: Any, signal: torch.Tensor | None) -> Any:
+        if self.per_sample:
+            return self._decide_rows(state, step, signal)
         c = self.config
         prev, state.previous_probe = state.previous_probe, signal.detach()
         if prev is None or prev.shape != signal.shape:
@@ -77,14 +82,37 @@ class TeaCachePolicy(StepPolicy):
             return True
         d = float(rel_l1(signal, prev, self.group))
         state.last_distance = d
-        if c.calibrate or step.index < c.warmup_steps or (c.compute_last and step.is_last):
+        if c.calibrate or step.index < self.warmup_steps or (c.compute_last and step.is_last):
             state.accumulated = 0.0
             return True
-        state.accumulated += float(self._poly(d))
+        # The polynomial estimates a size of change: a negative value (outside its fitted range)
+        # is no change, never credit that lets later steps skip.
+        state.accumulated += max(float(self._poly(d)), 0.0)
         if state.accumulated < c.threshold:
             return False
         state.accumulated = 0.0
         return True
+
+    def _decide_rows(self, state: TeaCacheState, step: Any, signal: torch.Tensor) -> Any:
+        """One accumulator per batch row; returns the rows to compute (bool tensor) or True (all)."""
+        c = self.config
+        prev, state.previous_probe = state.previous_probe, signal.detach()
+        rows = signal.shape[0]
+        if prev is None or prev.shape != signal.shape:
+            state.accumulated, state.last_distance = torch.zeros(rows, dtype=torch.float64), None
+            return True
+        d = rel_l1_rows(signal, prev, self.group).double().cpu()
+        state.last_distance = d
+        if c.calibrate or step.index < self.warmup_steps or (c.compute_last and step.is_last):
+            state.accumulated = torch.zeros(rows, dtype=torch.float64)
+            return True
+        rescaled = torch.zeros_like(d)
+        for coef in self.coefficients:  # Horner, highest degree first, as np.poly1d
+            rescaled = rescaled * d + coef
+        acc = state.accumulated + rescaled.clamp_min(0.0)
+        compute = acc >= c.threshold
+        state.accumulated = torch.where(compute, torch.zeros_like(acc), acc)
+        return compute
 
     def after_compute(self, state: TeaCacheState, step: Any, span_input: torch.Tensor, span_output: torch.Tensor) -> None:
         if not self.config.calibrate:
@@ -135,24 +163,30 @@ class TeaCacheConfig:
         coefficients: rescale polynomial, highest degree first, or the path of a calibration JSON.
             None: the published set for the checkpoint (recognised from its name), else the
             family default, else the raw distance with a warning.
-        warmup_steps: leading steps always computed.
+        warmup_steps: leading steps always computed. None: the warm-up the coefficient source pairs
+            with its coefficients (Wan's ret-steps sets: 5), else 1.
         compute_last: always compute the final step.
         calibrate: compute every step and fit coefficients from the observed changes.
         calibration_file: where ``calibrate`` writes the fitted coefficients (JSON).
+        per_sample: one accumulator and decision per batch row: rows that reach the threshold are
+            computed, the others reuse (default: one decision for the whole batch).
     """
 
     threshold: float = 0.3
     coefficients: Any = None
-    warmup_steps: int = 1
+    warmup_steps: int | None = None
     compute_last: bool = True
     calibrate: bool = False
     calibration_file: str | None = None
+    per_sample: bool = False
 
     def __post_init__(self) -> None:
         check_float("teacache", "threshold", self.threshold, 0.0)
-        check_int("teacache", "warmup_steps", self.warmup_steps, 0)
+        if self.warmup_steps is not None:
+            check_int("teacache", "warmup_steps", self.warmup_steps, 0)
         check_bool("teacache", "compute_last", self.compute_last)
         check_bool("teacache", "calibrate", self.calibrate)
+        check_bool("teacache", "per_sample", self.per_sample)
         if self.coefficients is not None:
             self.coefficients = load_coefficients(self.coefficients)
         if self.calibration_file is not None and not isinstance(self.calibration_file, (str, os.PathLike)):
@@ -171,4 +205,7 @@ class TeaCacheConfig:
                 coeffs = IDENTITY
             else:
                 logger.info("teacache: %s", env.coefficients_source)
-        return TeaCachePolicy(self, coeffs, env.model_id)
+        warmup = self.warmup_steps
+        if warmup is None:
+            warmup = env.teacache_warmup_steps if (self.coefficients is None and env.teacache_warmup_steps) else 1
+        return TeaCachePolicy(self, coeffs, env.model_id, warmup)

@@ -18,11 +18,12 @@ def _seed():
     torch.manual_seed(0)
 
 
-def flux(cfg: bool = False):
+def flux(cfg: bool = False, layers: int = 2, single_layers: int = 2):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     _seed()
-    tr = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=16,
+    tr = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=layers, num_single_layers=single_layers,
+                                attention_head_dim=16,
                                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
                                 axes_dims_rope=[4, 4, 8]).eval()
     _seed()
@@ -39,6 +40,26 @@ def flux(cfg: bool = False):
         kw.update(negative_prompt_embeds=torch.randn(1, 8, 32), negative_pooled_prompt_embeds=torch.randn(1, 32),
                   true_cfg_scale=4.0)
     return pipe, kw, "images", tr.single_transformer_blocks[-1].attn.to_q
+
+
+def flux_controlnet():
+    """Flux with a ControlNet: the model adds ``controlnet_block_samples`` between its blocks."""
+    from diffusers import FluxControlNetModel, FluxControlNetPipeline
+
+    pipe, kw, attr, inner = flux()
+    _seed()
+    cn = FluxControlNetModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                             axes_dims_rope=[4, 4, 8]).eval()
+    with torch.no_grad():  # zero-initialised output projections would add nothing
+        for p in cn.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.3)
+    pipe = FluxControlNetPipeline(scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=None, tokenizer=None,
+                                  text_encoder_2=None, tokenizer_2=None, transformer=pipe.transformer, controlnet=cn)
+    _seed()
+    kw = dict(kw, control_image=torch.rand(1, 3, 16, 16), controlnet_conditioning_scale=1.0)
+    return pipe, kw, attr, inner
 
 
 def sd3():
@@ -118,6 +139,21 @@ def wan():
     kw = dict(prompt_embeds=torch.randn(1, 16, 32), negative_prompt_embeds=torch.randn(1, 16, 32), height=16, width=16,
               num_frames=5, guidance_scale=5.0, output_type="pt")
     return pipe, kw, "frames", tr.blocks[-1].attn1.to_q
+
+
+def wan22():
+    """Wan 2.2 layout: two experts (``transformer`` for high noise, ``transformer_2`` for low)."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    pipe, kw, attr, _ = wan()
+    _seed()
+    torch.manual_seed(1)
+    tr2 = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+                                out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=3,
+                                cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=pipe.vae, scheduler=pipe.scheduler,
+                       transformer=pipe.transformer, transformer_2=tr2, boundary_ratio=0.9)
+    return pipe, kw, attr, tr2.blocks[-1].attn1.to_q
 
 
 def cogvideox():
@@ -238,12 +274,20 @@ def sd_unet():
     return pipe, kw, "images", unet.up_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
 
 
+def flux_micro():
+    """Flux with one block of each kind: compile tests trace it in seconds."""
+    return flux(layers=1, single_layers=1)
+
+
 FACTORIES = {
     "flux": flux,
+    "flux_micro": flux_micro,
+    "flux_controlnet": flux_controlnet,
     "sd3": sd3,
     "pixart": pixart,
     "dit": dit,
     "wan": wan,
+    "wan22": wan22,
     "cogvideox": cogvideox,
     "hunyuan_video": hunyuan_video,
     "ltx": ltx,

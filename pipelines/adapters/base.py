@@ -47,6 +47,8 @@ class Adapter:
     # Checkpoint name fragment -> TeaCache rescale coefficients (highest degree first).
     teacache_coefficients: dict[str, list[float]] = field(default_factory=dict)
     default_coefficients_key: str | None = None
+    # Warm-up steps each coefficient set was fitted and published with (key as above); None: 1.
+    teacache_warmup: dict[str, int] = field(default_factory=dict)
     has_blocks: bool = True
 
     # -- blocks ------------------------------------------------------------------------------------
@@ -74,7 +76,9 @@ class Adapter:
         if t is None:
             raise ValueError(f"{self.family}: the denoiser was called without `{self.timestep_arg}`")
         if isinstance(t, torch.Tensor):
-            return float(t.reshape(-1)[0].item())
+            # Per-token (Wan 2.2 expand_timesteps, LTX image-to-video) and per-sample timesteps:
+            # conditioning tokens carry t = 0, so the first element says nothing about the step.
+            return float(t.detach().max().item()) if t.numel() > 1 else float(t.detach().reshape(-1)[0].item())
         return float(t)
 
     def teacache_probe(self, block: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -82,6 +86,14 @@ class Adapter:
         hidden = get_arg(block, "hidden_states", args, kwargs)
         temb = get_arg(block, "temb", args, kwargs)
         return block.norm1(hidden, emb=temb)[0]
+
+    def teacache_warmup_for(self, model: torch.nn.Module) -> int | None:
+        """The warm-up the matching coefficient set is paired with in its source, if it names one."""
+        _, source = self.coefficients_for(model)
+        for key, steps in self.teacache_warmup.items():
+            if source.startswith(f"published coefficients for {key}"):
+                return steps
+        return None
 
     def coefficients_for(self, model: torch.nn.Module) -> tuple[list[float] | None, str]:
         """TeaCache coefficients for this checkpoint: (coefficients or None, where they came from)."""

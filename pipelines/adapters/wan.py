@@ -21,4 +21,8 @@ def make() -> Adapter:
             "Wan2.1-T2V-1.3B": [-5.21862437e04, 9.23041404e03, -5.28275948e02, 1.36987616e01, -4.99875664e-02],
         },
         default_coefficients_key="Wan2.1-T2V-1.3B",
+        # The ret-steps sets are used with the first 5 steps always computed (teacache_generate.py:
+        # ret_steps = 5*2 calls with CFG); fewer warm-up steps than that is outside their fit.
+        teacache_warmup={k: 5 for k in ("Wan2.1-I2V-14B-480P", "Wan2.1-I2V-14B-720P", "Wan2.1-T2V-14B",
+                                        "Wan2.1-T2V-1.3B")},
     )

@@ -1,0 +1,118 @@
+"""Module-level caching (granularity ``module``): attention/MLP sites are computed or forecast.
+
+A site's output is taken where the block receives it, before the block multiplies it by the
+gates it computed this step, so a forecast always meets fresh modulation. Feeders (modules whose
+output only flows into a site, like Flux single blocks' ``attn``, ``proj_mlp`` and ``act_mlp``
+into ``proj_out``) are skipped with their site: they return an empty placeholder (the recorded
+shape with a last dimension of 0) instead of running.
+
+Guard: a site forecasts only when its call has the leading input dimensions (batch, tokens) it
+had when its history was last stored; otherwise it computes and its history starts again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dcache.installers._common import input_signature
+from dcache.schedulers._common import Action
+from dcache.wrapper import CALL
+
+
+class SiteEntry:
+    """Per (site, branch): the output's structure, one history per tensor leaf, the input signature."""
+
+    __slots__ = ("structure", "states", "shapes", "signature")
+
+    def __init__(self) -> None:
+        self.structure: Any = None
+        self.states: list[Any] = []
+        self.shapes: list[tuple | None] = []
+        self.signature: tuple | None = None
+
+    def cache_nbytes(self) -> int:
+        return sum(s.cache_nbytes() for s in self.states if hasattr(s, "cache_nbytes"))
+
+
+def _leaves(value: Any) -> tuple[list[torch.Tensor | None], Any]:
+    if isinstance(value, torch.Tensor):
+        return [value], "tensor"
+    if isinstance(value, (tuple, list)) and all(v is None or isinstance(v, torch.Tensor) for v in value):
+        return list(value), (type(value), len(value))
+    raise TypeError(f"cannot cache a site output of type {type(value).__name__}")
+
+
+def _rebuild(structure: Any, leaves: list[torch.Tensor | None]) -> Any:
+    if structure == "tensor":
+        return leaves[0]
+    kind, _ = structure
+    return kind(leaves)
+
+
+class _Site:
+    def __init__(self, target: Any, policy: Any, name: str, is_site: bool) -> None:
+        self.target, self.policy, self.name, self.is_site = target, policy, name, is_site
+        self.pid = id(policy)
+
+    def _action(self, run: Any, step: Any) -> Action:
+        act = step.decisions.get(self.pid)
+        if act is None:
+            state = run.state((self.pid, "state", step.branch), self.policy.new_state)
+            act = step.decisions[self.pid] = self.policy.action(state, step)
+        return act
+
+    def pre(self, args: tuple, kwargs: dict) -> Any:
+        run, step = self.target.active()
+        if step is None:
+            return CALL
+        act = self._action(run, step)
+        entry = run.cache.get((self.pid, self.name, step.branch))
+        if act is Action.COMPUTE or entry is None or entry.signature != input_signature(args, kwargs):
+            return CALL
+        run.avoid(self.name)
+        if self.is_site:
+            run.count("forecast", self.name)
+            leaves = [None if s is None else self.policy.produce(s, step) for s in entry.states]
+        else:
+            # Feeders only flow into their site, which ignores its input on a forecast step: an
+            # empty last dimension keeps every shape check and concatenation valid.
+            leaves = [None if sh is None else torch.empty((*sh[0][:-1], 0), dtype=sh[1], device=sh[2])
+                      for sh in entry.shapes]
+        return _rebuild(entry.structure, leaves)
+
+    def post(self, args: tuple, kwargs: dict, out: Any) -> Any:
+        run, step = self.target.active()
+        if step is None:
+            return out
+        key = (self.pid, self.name, step.branch)
+        entry = run.cache.get(key)
+        leaves, structure = _leaves(out)
+        sig = input_signature(args, kwargs)
+        if entry is None or entry.structure != structure or entry.signature != sig:
+            entry = run.cache[key] = SiteEntry()
+            entry.structure = structure
+            entry.states = [None if t is None or not self.is_site else self.policy.new_site_state() for t in leaves]
+        entry.signature = sig
+        entry.shapes = [None if t is None else (t.shape, t.dtype, t.device) for t in leaves]
+        if self.is_site:
+            run.count("computed", self.name)
+            for s, t in zip(entry.states, leaves):
+                if s is not None:
+                    self.policy.store(s, t, step)
+        return out
+
+
+def install(target: Any, policy: Any) -> int:
+    """Hook every site and feeder of every block; returns the number of sites."""
+    count = 0
+    for block in target.blocks:
+        spec = target.adapter.spec(block)
+        for attr, is_site in [(a, True) for a in spec.sites] + [(a, False) for a in spec.feeders]:
+            module = getattr(block, attr, None)
+            if not isinstance(module, torch.nn.Module):
+                continue
+            target.hook(module, _Site(target, policy, target.names[module], is_site))
+            count += is_site
+    return count
