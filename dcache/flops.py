@@ -7,6 +7,7 @@ attention where the backend reports it), which dominate a transformer's cost.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Any, Callable
 
@@ -73,12 +74,16 @@ def measure(fn: Callable[[], Any], root: torch.nn.Module, names: dict[torch.nn.M
     """Run ``fn`` (a call of ``root``) under the counter; return its output and FLOPs by module name."""
     counter = _Counter()
     counter.stack.append(root)  # ``fn`` runs inside root's forward, after root's own pre-hooks
+    # The module hooks are process-wide while the dispatch mode is per thread: a forward running
+    # in another thread (a second request in a server) must not land on this thread's stack.
+    owner = threading.get_ident()
 
     def pre(module: torch.nn.Module, args: Any) -> None:
-        counter.stack.append(module)
+        if threading.get_ident() == owner:
+            counter.stack.append(module)
 
     def post(module: torch.nn.Module, args: Any, out: Any) -> None:
-        if counter.stack and counter.stack[-1] is module:
+        if threading.get_ident() == owner and counter.stack and counter.stack[-1] is module:
             counter.stack.pop()
 
     h1 = torch.nn.modules.module.register_module_forward_pre_hook(pre)
