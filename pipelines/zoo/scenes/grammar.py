@@ -165,15 +165,34 @@ def relation_holds(relation: str, a: tuple[float, float], b: tuple[float, float]
     raise ValueError(f"unknown relation {relation!r}; known: {tuple(RELATIONS)}")
 
 
+# Slot centres (x, y) of the first and second object per relation; one object sits in the middle.
+# Fixed slots (with jitter) keep the layout learnable by a small model in a CPU hour: the prompt
+# decides where each object goes, the noise only moves it by a pixel or two.
+SLOTS = {
+    None: ((16.0, 16.0),),
+    "left of": ((8.5, 16.0), (23.5, 16.0)),
+    "right of": ((23.5, 16.0), (8.5, 16.0)),
+    "above": ((16.0, 8.5), (16.0, 23.5)),
+    "below": ((16.0, 23.5), (16.0, 8.5)),
+}
+JITTER = 2  # pixels each way, per object and axis
+
+
 def layout(scene: Scene, rng: random.Random, margin: int = 1, gap: int = 2, slack: float = 2.0) -> list[Placed]:
-    """Random integer boxes for the scene's objects, inside the image, apart, and with the relation
-    holding by at least ``slack`` pixels on the dominant axis (so the checker is never borderline)."""
+    """Integer boxes for the scene's objects: slot centres chosen by the relation, jittered by up to
+    JITTER pixels, inside the image, apart, and with the relation holding by at least ``slack``
+    pixels on the dominant axis (so the checker is never borderline)."""
     sides = [rng.choice(SIZES[o.size]) for o in scene.objects]
+    slots = SLOTS[scene.relation]
     for _ in range(10_000):
-        placed = [
-            Placed(o, rng.randint(margin, IMAGE_SIZE - margin - s), rng.randint(margin, IMAGE_SIZE - margin - s), s)
-            for o, s in zip(scene.objects, sides)
-        ]
+        placed = []
+        for o, s, (cx, cy) in zip(scene.objects, sides, slots):
+            x = round(cx - s / 2) + rng.randint(-JITTER, JITTER)
+            y = round(cy - s / 2) + rng.randint(-JITTER, JITTER)
+            placed.append(Placed(o, x, y, s))
+        if any(p.x < margin or p.y < margin or p.x + p.side > IMAGE_SIZE - margin
+               or p.y + p.side > IMAGE_SIZE - margin for p in placed):
+            continue
         if len(placed) == 1:
             return placed
         a, b = placed

@@ -36,11 +36,11 @@ class ScenesModelConfig:
 
     image_size: int = 32
     patch: int = 4
-    num_heads: int = 4
-    head_dim: int = 32
+    num_heads: int = 2
+    head_dim: int = 64
     num_double_blocks: int = 2
     num_single_blocks: int = 4
-    axes_dims_rope: list[int] = field(default_factory=lambda: [8, 12, 12])
+    axes_dims_rope: list[int] = field(default_factory=lambda: [16, 24, 24])
     text_dim: int = 64
     text_layers: int = 2
     text_heads: int = 4
