@@ -88,6 +88,16 @@ def scene_prompts(seeds: list[int]) -> list[str]:
     return [sample_prompts(1, seed=s)[0] for s in seeds]
 
 
+def attribute_rate(results: list[dict]) -> float:
+    """Fraction of all single checks passed (background, count, relation, each object's colour,
+    shape and size): a finer grade than whole-prompt adherence, which needs all of them at once."""
+    checks: list[bool] = []
+    for r in results:
+        checks += [r["background"], r["count"]] + ([] if r["relation"] is None else [r["relation"]])
+        checks += [o[k] for o in r["objects"] for k in ("colour", "shape", "size")]
+    return sum(map(bool, checks)) / max(1, len(checks))
+
+
 def scenes_target(guidance: float, device: str, weights_dir: str | None = None) -> Target:
     """The embedded scenes model; ``score`` is the checker's whole-prompt adherence."""
     from dcache.pipelines.zoo.scenes import check_adherence, load_scenes_pipeline
@@ -103,7 +113,8 @@ def scenes_target(guidance: float, device: str, weights_dir: str | None = None) 
 
     def score(images: torch.Tensor, seeds: list[int]) -> dict[str, float]:
         results = check_adherence(images, scene_prompts(seeds))
-        return {"adherence": sum(r["whole"] for r in results) / len(results)}
+        return {"adherence": sum(r["whole"] for r in results) / len(results),
+                "attributes": attribute_rate(results)}
 
     return Target(pipe, "embedded scenes (FluxTransformer2DModel, text-conditional)", generate, score=score)
 

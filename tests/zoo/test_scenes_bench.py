@@ -25,7 +25,7 @@ def test_default_bench_is_scenes_with_adherence_and_interleaved_timings(tmp_path
     assert [r["label"] for r in rows] == ["baseline", "static(interval=2)", "static(interval=3)"]
     assert len(order) == 2 * 3  # two rounds over three configurations
     for r in rows:
-        assert 0 <= r["adherence"] <= 1 and "class_accuracy" not in r
+        assert 0 <= r["adherence"] <= 1 and 0 <= r["attributes"] <= 1 and "class_accuracy" not in r
         assert r["timing_runs"] == 2 and r["wall_min"] <= r["wall_s"] <= r["wall_max"]
     assert rows[0]["speedup"] == 1.0 and rows[1]["computed_fraction"] < 1
 
@@ -36,7 +36,12 @@ def test_default_bench_is_scenes_with_adherence_and_interleaved_timings(tmp_path
 
     for r in rows:
         images = torch.load(out / "images" / f"{r['id']}.pt")
-        assert r["adherence"] == adherence_rate(check_adherence(images, bench_image.scene_prompts([0, 1, 2])))
+        results = check_adherence(images, bench_image.scene_prompts([0, 1, 2]))
+        assert r["adherence"] == adherence_rate(results)
+        n_checks = sum(2 + (r_["relation"] is not None) + 3 * len(r_["objects"]) for r_ in results)
+        assert r["attributes"] * n_checks == pytest.approx(sum(
+            r_["background"] + r_["count"] + bool(r_["relation"]) + sum(o["colour"] + o["shape"] + o["size"] for o in r_["objects"])
+            for r_ in results))
 
     # --resume with one more policy: old rows keep their timings, the new row is timed beside the baseline.
     order.clear()
