@@ -13,9 +13,10 @@ policies include ``static(interval=25)``, an aggressive cache that should lose i
 
 Each configuration first runs once under torch's FLOP counter (gives ``computed_fraction``:
 matmul FLOPs executed / the baseline's; the images scored; also the warm-up). Then ``--repeats``
-timing rounds run every configuration in turn (baseline, A, B, ..., baseline, A, B, ...), so load
-on a shared machine falls on all of them alike; ``wall_s`` is the median, ``wall_min``/``wall_max``
-the spread. Rows are written to ``OUT/results.json`` as they finish; a rerun with ``--resume``
+timing rounds run every dcache configuration in turn (baseline, A, B, ..., baseline, A, B, ...),
+so load on a shared machine falls on all of them alike; ``wall_s`` is the median,
+``wall_min``/``wall_max`` the spread. Peers (``--peers``) are timed ``--repeats`` times right after
+their counted run, while installed once. Rows are written to ``OUT/results.json`` as they finish; a rerun with ``--resume``
 keeps the rows already there (with their timings) and times only the new ones, beside a freshly
 timed baseline.
 """
@@ -303,42 +304,17 @@ def main(argv: list[str] | None = None) -> int:
     grid_rows: list[tuple[str, torch.Tensor]] = []
     to_time: list[tuple[dict, Callable]] = []  # rows run in this invocation, with their setup
     base: torch.Tensor | None = None
+    ran_new = False  # anything run in this invocation (a fully resumed run re-times nothing)
     bar = tqdm(total=len(jobs) + args.repeats, desc="dcache bench", unit="run")
-    for source, name, opts, setup in jobs:
-        rid = _slug(source, name, opts)
-        img_file = os.path.join(args.out, "images", rid + ".pt")
-        bar.set_postfix_str(f"{source}:{name}")
-        if rid in done and os.path.exists(img_file):
-            row, images = done[rid], torch.load(img_file)
-        else:
-            try:
-                before, teardown = setup()
-            except Exception as e:  # noqa: BLE001 - a peer that cannot run on this model is reported, not fatal
-                notes.append(f"{source} {name} skipped: {type(e).__name__}: {e}")
-                bar.update(1)
-                continue
-            try:
-                images, flops = _count(target, seeds, args.steps, lambda: before(target.pipe))
-            finally:
-                teardown(target.pipe)
-            torch.save(images, img_file)
-            row = {"id": rid, "source": source, "policy": name, "label": report.label(name, opts), "options": opts,
-                   "flops": flops}
-            to_time.append((row, setup))
-        if base is None:
-            base = images
-        if source == "baseline":
-            row.update(psnr=float("inf"), ssim=1.0, lpips=0.0 if lp_ok else None, computed_fraction=1.0)
-        else:
-            row.update(psnr=metrics.psnr(images, base), ssim=metrics.ssim(images, base),
-                       lpips=metrics.lpips_distance(images, base), computed_fraction=row["flops"] / rows[0]["flops"])
-        row.update(_task_fields(target, images, seeds))
-        rows.append(row)
-        grid_rows.append((row["label"] if source in ("dcache", "baseline") else f"{source}:{name}", images))
-        report.write_json(results_path, rows, dict(meta, notes=notes))
-        bar.update(1)
+    timed = False
 
-    if to_time:
+    def timing_rounds() -> None:
+        """Interleaved rounds over the baseline and the dcache rows run in this invocation. They run
+        before any peer is installed, since a peer's teardown may leave patches behind."""
+        nonlocal timed
+        timed = True
+        if not to_time:
+            return
         # The baseline is timed in every round, even when resumed, so new rows compare with a baseline
         # measured under the same load.
         if rows[0] not in [r for r, _ in to_time]:
@@ -354,6 +330,56 @@ def main(argv: list[str] | None = None) -> int:
             bar.update(1)
         for row, _ in to_time:
             _set_timings(row, times[row["id"]])
+
+    for source, name, opts, setup in jobs:
+        if source not in ("baseline", "dcache") and not timed:
+            timing_rounds()
+        rid = _slug(source, name, opts)
+        img_file = os.path.join(args.out, "images", rid + ".pt")
+        bar.set_postfix_str(f"{source}:{name}")
+        if rid in done and os.path.exists(img_file):
+            row, images = done[rid], torch.load(img_file)
+        else:
+            try:
+                before, teardown = setup()
+            except Exception as e:  # noqa: BLE001 - a peer that cannot run on this model is reported, not fatal
+                notes.append(f"{source} {name} skipped: {type(e).__name__}: {e}")
+                bar.update(1)
+                continue
+            peer_times: list[float] = []
+            try:
+                images, flops = _count(target, seeds, args.steps, lambda: before(target.pipe))
+                if source not in ("baseline", "dcache"):
+                    # Other projects' caches are timed while installed once: cache-dit's teardown does
+                    # not undo all of its patching, so installing peers again in every round is unsafe.
+                    peer_times = [_time(target, seeds, args.steps, lambda: before(target.pipe))[1]
+                                  for _ in range(args.repeats)]
+            finally:
+                teardown(target.pipe)
+            torch.save(images, img_file)
+            row = {"id": rid, "source": source, "policy": name, "label": report.label(name, opts), "options": opts,
+                   "flops": flops}
+            ran_new = True
+            if peer_times:
+                _set_timings(row, peer_times)
+            else:
+                to_time.append((row, setup))
+        if base is None:
+            base = images
+        if source == "baseline":
+            row.update(psnr=float("inf"), ssim=1.0, lpips=0.0 if lp_ok else None, computed_fraction=1.0)
+        else:
+            row.update(psnr=metrics.psnr(images, base), ssim=metrics.ssim(images, base),
+                       lpips=metrics.lpips_distance(images, base), computed_fraction=row["flops"] / rows[0]["flops"])
+        row.update(_task_fields(target, images, seeds))
+        rows.append(row)
+        grid_rows.append((row["label"] if source in ("dcache", "baseline") else f"{source}:{name}", images))
+        report.write_json(results_path, rows, dict(meta, notes=notes))
+        bar.update(1)
+
+    if not timed:
+        timing_rounds()
+    if ran_new:
         for r in rows:
             r["speedup"] = rows[0]["wall_s"] / r["wall_s"]
         report.write_json(results_path, rows, dict(meta, notes=notes))
