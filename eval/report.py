@@ -10,7 +10,8 @@ from typing import Any, Sequence
 import torch
 
 COLUMNS = [("source", 9), ("label", 8), ("wall_s", 8), ("speedup", 8), ("computed_fraction", 9),
-           ("psnr", 7), ("ssim", 6), ("lpips", 6), ("class_accuracy", 8)]
+           ("psnr", 7), ("ssim", 6), ("lpips", 6), ("class_accuracy", 8),
+           ("adherence", 9), ("attributes", 10)]
 HEADERS = {"computed_fraction": "computed", "class_accuracy": "class_acc", "label": "policy"}
 
 

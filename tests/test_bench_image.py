@@ -21,7 +21,7 @@ def test_parse_policies():
 
 def test_bench_embedded_model_writes_results(tmp_path, capsys):
     out = tmp_path / "b"
-    rc = cli(["bench", "--steps", "4", "--num-samples", "2", "--repeats", "1", "--policies", "static(interval=2),taylorseer(interval=2,warmup_steps=1)",
+    rc = cli(["bench", "--model", "digits", "--steps", "4", "--num-samples", "2", "--repeats", "1", "--policies", "static(interval=2),taylorseer(interval=2,warmup_steps=1)",
               "--out", str(out)])
     assert rc == 0
     rows = json.loads((out / "results.json").read_text())
@@ -39,8 +39,8 @@ def test_bench_embedded_model_writes_results(tmp_path, capsys):
 
     # --resume reuses the finished rows instead of recomputing them.
     before = (out / "results.json").read_text()
-    assert cli(["bench", "--steps", "4", "--num-samples", "2", "--resume", "--out", str(out), "--policies",
-                "static(interval=2),taylorseer(interval=2,warmup_steps=1)"]) == 0
+    assert cli(["bench", "--model", "digits", "--steps", "4", "--num-samples", "2", "--resume", "--out", str(out),
+                "--policies", "static(interval=2),taylorseer(interval=2,warmup_steps=1)"]) == 0
     after = json.loads((out / "results.json").read_text())
     assert [r["wall_s"] for r in after] == [r["wall_s"] for r in json.loads(before)]
 
@@ -68,7 +68,7 @@ def test_bench_rejects_bad_arguments(tmp_path, capsys):
 
 def test_bench_peers_rows_are_marked_with_their_source(tmp_path):
     out = tmp_path / "p"
-    assert cli(["bench", "--steps", "4", "--num-samples", "1", "--policies", "fbcache", "--peers",
+    assert cli(["bench", "--model", "digits", "--steps", "4", "--num-samples", "1", "--policies", "fbcache", "--peers",
                 "--out", str(out)]) == 0
     rows = json.loads((out / "results.json").read_text())
     meta = json.loads((out / "meta.json").read_text())

@@ -1,6 +1,7 @@
 """Small reference models trained here; their weights ship with the package.
 
-The digits model (``FluxDigitsPipeline``) is the default image model of ``dcache bench``::
+The digits model (``FluxDigitsPipeline``, ``dcache bench --model digits``; the default bench model is
+the scenes model in ``dcache.pipelines.zoo.scenes``)::
 
     from dcache.pipelines.zoo import load_reference_pipeline, load_digit_classifier
     pipe = load_reference_pipeline(device="cpu", dtype=torch.float32)
