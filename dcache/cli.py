@@ -142,7 +142,9 @@ def check_bench_args(task: str, argv: list[str]) -> None:
     if known.device is not None:
         check_device(known.device)
     if task == "image":
-        check_model(known.model, ())
+        from dcache.eval.bench_image import EMBEDDED
+
+        check_model(known.model, tuple(EMBEDDED))
         check_existing_dir(known.weights_dir, "--weights-dir")
         if known.policies is not None:
             check_policy_list(known.policies, "image")

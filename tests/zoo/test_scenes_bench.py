@@ -57,8 +57,10 @@ def test_scene_prompts_are_per_seed_and_deterministic():
     assert bench_image.scene_prompts([5]) == bench_image.scene_prompts([4, 5])[1:]
 
 
-def test_weights_dir_only_for_embedded_models(tmp_path):
-    with pytest.raises(SystemExit):
-        cli(["bench", "--model", "some/hub-id", "--weights-dir", str(tmp_path), "--out", str(tmp_path)])
+def test_weights_dir_only_for_embedded_models(tmp_path, capsys):
+    assert cli(["bench", "--model", str(tmp_path), "--weights-dir", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "--weights-dir applies to the embedded models" in capsys.readouterr().err
+    assert cli(["bench", "--weights-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist; give an existing directory" in capsys.readouterr().err
     with pytest.raises(ValueError, match="has no scenes_model.json"):
-        cli(["bench", "--weights-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")])
+        bench_image.make_target(None, 4.0, "cpu", weights_dir=str(tmp_path))
