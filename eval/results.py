@@ -13,6 +13,8 @@ import math
 import os
 from typing import TYPE_CHECKING, Any
 
+from dcache.eval.report import _fmt
+
 if TYPE_CHECKING:
     from dcache.eval.evaluate import EvalConfig, Job
 
@@ -211,14 +213,6 @@ TABLE = [("source", "source"), ("label", "policy"), ("wall_s", "s/sample"), ("sp
          ("fid", "fid"), ("kid", "kid"), ("clip_score", "clip")]
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if math.isinf(v):
-            return "inf"
-        return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
-    return str(v)
 
 
 def _cols(rows: list[dict]) -> list[tuple[str, str]]:

@@ -17,6 +17,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .digits_model import DigitsClassEmbedder, image_ids, pack, text_ids, unpack
+from ._flow_loop import flow_cfg_loop
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -171,25 +172,9 @@ class FluxDigitsPipeline(DiffusionPipeline):
         else:
             latents = latents.to(device=device, dtype=dtype)
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        self._num_timesteps = len(timesteps)
-        with self.progress_bar(total=num_inference_steps) as progress_bar:
-            for t in timesteps:
-                if self.interrupt:
-                    continue
-                self._current_timestep = t
-                # The transformer multiplies by 1000 itself; the scheduler's timesteps are sigma * 1000.
-                timestep = t.expand(batch).to(dtype) / 1000
-                with self.transformer.cache_context("cond"):
-                    velocity = self._velocity(latents, timestep, tokens, pooled, img_ids, txt_ids)
-                if self.do_classifier_free_guidance:
-                    with self.transformer.cache_context("uncond"):
-                        uncond = self._velocity(latents, timestep, neg_tokens, neg_pooled, img_ids, txt_ids)
-                    velocity = uncond + self._guidance_scale * (velocity - uncond)
-                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
-                progress_bar.update()
-        self._current_timestep = None
+        uncond = (neg_tokens, neg_pooled) if self.do_classifier_free_guidance else None
+        latents = flow_cfg_loop(self, latents, num_inference_steps, device, dtype, (tokens, pooled), uncond,
+                                img_ids, txt_ids)
 
         images = ((unpack(latents.float(), height, width) + 1.0) / 2.0).clamp(0.0, 1.0)
         if output_type == "np":
