@@ -60,7 +60,7 @@ BAD_OTHER = [
     (["bench", "--task", "ar-video", "--policies", "kv-full;kv-rolling"], "dcache bench", "not ';'"),
     (["bench", "--task", "ar-video", "--policies", "taylorseer"], "dcache bench", "not ar-video"),
     (["policies", "--task", "audio"], "dcache policies", "invalid choice: 'audio'"),
-    (["frobnicate"], "dcache frobnicate", "unknown command 'frobnicate'; accepted: bench, eval, policies"),
+    (["frobnicate"], "dcache frobnicate", "unknown command 'frobnicate'; accepted: bench, eval, demo, policies"),
 ]
 
 
