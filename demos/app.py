@@ -185,8 +185,12 @@ def _image_tab(gr: Any) -> None:
 def _dllm_tab(gr: Any) -> None:
     from dcache.demos import dllm_task
 
-    gr.Markdown("The embedded LLaDA-architecture model solves a keyed digit cipher (every answer token is "
-                "known, so accuracy is exact). `?` is a still-masked slot, `$` end of answer. Both runs use "
+    gr.Markdown("The embedded LLaDA-architecture model solves the \"scripts\" task: the prompt (`^ scripts | "
+                "message |`) allows 2 or 3 of 4 scripts (`A`-`D`) and gives a 16-digit message; the answer repeats "
+                "the message over the whole canvas, every digit in one allowed script of the model's choice "
+                "(`a3` = digit 3 in script a). Each prompt has 2-3 valid answers: accuracy is the share of rows "
+                "that are one of them, and the cached run also reports how many of its tokens equal the plain "
+                "sampler's. `?` is a still-masked slot. Both runs use "
                 "the same problems; the first one is shown as it fills in. A policy's `threshold` also "
                 "switches to confidence-threshold parallel decoding (Fast-dLLM); `None` keeps one token per step, "
                 "so the cache alone is compared.")
@@ -203,7 +207,7 @@ def _dllm_tab(gr: Any) -> None:
             button = gr.Button("Generate", variant="primary", elem_id="dllm-generate")
             status = gr.Markdown("", elem_id="dllm-status")
         with gr.Column(scale=2):
-            prompt = gr.Textbox(label="first problem: prompt (^ key | message) and expected answer", lines=2,
+            prompt = gr.Textbox(label="first problem: prompt (^ scripts | message |) and its valid answers", lines=4,
                                 elem_id="dllm-prompt")
             plain = gr.Textbox(label="without cache (plain sampler)", lines=2, elem_id="dllm-plain")
             cached = gr.Textbox(label="with the policy", lines=2, elem_id="dllm-cached")
@@ -214,8 +218,11 @@ def _dllm_tab(gr: Any) -> None:
             return "waiting"
         if not run.done:
             return f"{run.label}: step {run.step}"
-        return (f"{run.label}: {run.tokens_per_s:.1f} tokens/s · {run.seconds:.3f} s · {run.nfe} forwards · "
-                f"accuracy {run.accuracy:.3f} (exact match) · token accuracy {run.token_accuracy:.3f}")
+        line = (f"{run.label}: {run.tokens_per_s:.1f} tokens/s · {run.seconds:.3f} s · {run.nfe} forwards · "
+                f"accuracy {run.accuracy:.3f} (valid answers)")
+        if run.agreement is not None:
+            line += f" · same tokens as the plain sampler {run.agreement:.3f}"
+        return line
 
     def generate(model_v, seed_v, length_v, batch_v, policy_v, *values):
         try:
@@ -223,7 +230,7 @@ def _dllm_tab(gr: Any) -> None:
             shown = None
             for base, side in dllm_task.run_dllm(model_v, seed_v, length_v, batch_v, policy_v, opts):
                 if shown is None:  # the request is validated by now
-                    shown = "\n".join(dllm_task.render_prompt(int(seed_v), int(length_v)))
+                    shown = "\n".join(dllm_task.render_prompt(int(seed_v), int(length_v), int(batch_v)))
                 lines = [side_line(base), side_line(side)]
                 if base.done and side is not None and side.done:
                     lines.append(f"speedup: {side.tokens_per_s / base.tokens_per_s:.2f}x (tokens/s ratio)")

@@ -1,7 +1,11 @@
-"""The dLLM tab's work: one cipher problem set, the plain sampler and a KV policy, streamed.
+"""The dLLM tab's work: one "scripts" problem set, the plain sampler and a KV policy, streamed.
 
-The embedded model (``pipelines/zoo/dllm_cipher``) solves a keyed digit cipher whose every answer
-token is known, so accuracy is exact. Each generation reports its canvas after every step
+The embedded model (``pipelines/zoo/dllm_scripts``, see ``dcache.pipelines.dllm.scripts_task``)
+copies a 16-digit message cyclically over the whole answer, every digit in ONE of the 2-3 scripts
+the prompt allows, its choice. Each prompt has 2-3 valid answers, so accuracy is the share of rows
+that are one of them (``scripts_task.valid_rows``); the cached run also reports the share of its
+tokens equal to the plain sampler's. Prompts are left-padded and the prompt mask is passed to the
+sampler, as the model was trained. Each generation reports its canvas after every step
 (``callback``) and the tab shows the answer filling in, masked slots as ``?``.
 """
 
@@ -38,8 +42,9 @@ class DllmRun:
     done: bool = False
     seconds: float = 0.0
     nfe: int = 0
-    accuracy: float | None = None  # exact match over the batch
-    token_accuracy: float | None = None
+    accuracy: float | None = None  # share of rows that are a valid answer
+    agreement: float | None = None  # share of tokens equal to the plain sampler's (cached run only)
+    tokens: torch.Tensor | None = None  # the generated canvases (batch, gen_length), when done
     tokens_per_s: float | None = None
     stats: dict[str, Any] = field(default_factory=dict)
 
@@ -54,7 +59,7 @@ def _model_dir(name: str) -> str:
 
     name = (name or "").strip()
     if name in ("", DEFAULT_DLLM_MODEL):
-        return default_model_dir()
+        return default_model_dir("llada")
     if not os.path.isdir(name):
         raise ValueError(f"dLLM model must be {DEFAULT_DLLM_MODEL!r} or a local LLaDA model directory; {name!r} is not a directory")
     return name
@@ -91,17 +96,18 @@ def _check(seed: Any, gen_length: Any, batch: Any) -> tuple[int, int, int]:
     return seed, gen_length, batch
 
 
-def _stream(model: Any, prompts: torch.Tensor, answers: torch.Tensor, gen_length: int, run: DllmRun,
-            config: Any | None) -> Iterator[DllmRun]:
-    """Generate in a worker thread; yield ``run`` each time a new step has been rendered."""
-    from dcache.pipelines.dllm import tasks
+def _stream(model: Any, prompts: torch.Tensor, mask: torch.Tensor, gen_length: int, run: DllmRun,
+            config: Any | None, plain: DllmRun | None = None) -> Iterator[DllmRun]:
+    """Generate in a worker thread; yield ``run`` each time a new step has been rendered.
+    ``plain``: the finished plain run the token agreement is measured against."""
+    from dcache.pipelines.dllm import scripts_task as task
 
     updates: queue.Queue = queue.Queue()
     result: dict[str, Any] = {}
     run.total = gen_length
 
     def callback(step, tokens, committed):
-        updates.put((step, tasks.render(tokens[0])))
+        updates.put((step, task.render(tokens[0])))
 
     def work():
         try:
@@ -110,7 +116,7 @@ def _stream(model: Any, prompts: torch.Tensor, answers: torch.Tensor, gen_length
             try:
                 with GENERATIONS.shared():
                     t0 = time.perf_counter()
-                    out = model.generate(prompts, gen_length=gen_length, block_length=BLOCK, steps=gen_length,
+                    out = model.generate(prompts, attention_mask=mask, gen_length=gen_length, block_length=BLOCK, steps=gen_length,
                                          callback=callback)
                     result["seconds"] = time.perf_counter() - t0
                 result["out"] = out
@@ -139,19 +145,22 @@ def _stream(model: Any, prompts: torch.Tensor, answers: torch.Tensor, gen_length
         raise result["error"]
     out = result["out"]
     run.done, run.seconds, run.nfe, run.stats = True, result["seconds"], int(out.nfe), result["stats"]
-    run.text = tasks.render(out.sequences[0])
-    run.accuracy = tasks.exact_match(out.sequences, answers)
-    run.token_accuracy = float((out.sequences.cpu() == answers.cpu()).float().mean())
+    run.tokens = out.sequences.cpu()
+    run.text = task.render(run.tokens[0])
+    run.accuracy = task.accuracy(run.tokens, prompts, mask)
+    if plain is not None and plain.tokens is not None:
+        run.agreement = float((run.tokens == plain.tokens).float().mean())
     run.tokens_per_s = out.sequences.numel() / run.seconds
     run.step = out.steps
     yield run
 
 
 def problem(seed: int, gen_length: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from dcache.pipelines.dllm import tasks
+    """(prompts (batch, P) left-padded, their attention mask) of the seed's problem set."""
+    from dcache.pipelines.dllm import scripts_task as task
 
-    return tasks.make_problems(batch, gen_length=gen_length, n_range=(gen_length * 3 // 4, min(gen_length, tasks.FIELD)),
-                               seed=seed)
+    prompts, mask, _ = task.make_problems(batch, gen_length=gen_length, seed=seed)
+    return prompts, mask
 
 
 def run_dllm(model_name: str, seed: Any, gen_length: Any, batch: Any, policy: str,
@@ -162,24 +171,27 @@ def run_dllm(model_name: str, seed: Any, gen_length: Any, batch: Any, policy: st
     seed, gen_length, batch = _check(seed, gen_length, batch)
     config = build_config(policy, "dllm", options)
     pool = _pool(model_name)
-    prompts, answers = problem(seed, gen_length, batch)
+    prompts, mask = problem(seed, gen_length, batch)
     key = (_model_dir(model_name), seed, gen_length, batch)
     base = _BASELINES.get(key)
     if base is None:
         base = DllmRun("plain sampler")
         with pool.checkout() as model:
-            for _ in _stream(model, prompts, answers, gen_length, base, None):
+            for _ in _stream(model, prompts, mask, gen_length, base, None):
                 yield base, None
         _BASELINES.put(key, base)
     cached = DllmRun(type(config).policy_name)
     with pool.checkout() as model:
-        for _ in _stream(model, prompts, answers, gen_length, cached, config):
+        for _ in _stream(model, prompts, mask, gen_length, cached, config, plain=base):
             yield base, cached
 
 
-def render_prompt(seed: int, gen_length: int) -> tuple[str, str]:
-    """The first problem's prompt and its expected answer, rendered (for the page)."""
-    from dcache.pipelines.dllm import tasks
+def render_prompt(seed: int, gen_length: int, batch: int = 1) -> tuple[str, str]:
+    """The first problem's prompt (padding dropped) and its valid answers, rendered (for the page).
+    ``batch``: the batch the problems are drawn in (the draw depends on it)."""
+    from dcache.eval.targets import dllm_valid_answers
+    from dcache.pipelines.dllm import scripts_task as task
 
-    prompts, answers = problem(seed, gen_length, 1)
-    return tasks.render(prompts[0]), tasks.render(answers[0])
+    prompts, mask = problem(seed, gen_length, batch)
+    valid = dllm_valid_answers(prompts[0], mask[0], gen_length)
+    return task.render(prompts[0][mask[0]]), " or\n".join(task.render(a) for a in valid)

@@ -157,18 +157,18 @@ def write_outputs(cfg: EvalConfig, rows: list[dict], notes: list[str], store: An
 
 
 def _write_text_samples(cfg: EvalConfig, store: Any, jobs: list[Job], model: Any, done: dict) -> None:
-    """samples/<config>.jsonl rewritten in index order, one line per sample, with its verdict."""
-    problem, render = model.info["problem"], model.info["render"]
+    """samples/<config>.jsonl rewritten in index order, one line per sample, with its verdict
+    (``correct``: the canvas is one of the problem's valid ``answers``)."""
+    info = model.info
     for j in jobs:
         recs = sorted((r for (cid, _), r in done.items() if cid == j.id), key=lambda r: r["index"])
         path = os.path.join(cfg.out, "samples", f"{j.id}.jsonl")
         with open(path + ".tmp", "w") as f:
             for r in recs:
-                prompt, answer = problem(r["seed"])
                 out = torch_tensor(r["output"])
-                f.write(json.dumps({"index": r["index"], "seed": r["seed"], "prompt": render(prompt[0]),
-                                    "output": render(out), "answer": render(answer[0]),
-                                    "correct": bool((out == answer[0]).all()), "tokens": r["output"]}) + "\n")
+                f.write(json.dumps({"index": r["index"], "seed": r["seed"], "prompt": info["prompt_text"](r["seed"]),
+                                    "output": info["render"](out), "answers": info["answers"](r["seed"]),
+                                    "correct": info["correct"](out, r["seed"]), "tokens": r["output"]}) + "\n")
         os.replace(path + ".tmp", path)
 
 

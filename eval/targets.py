@@ -163,32 +163,61 @@ def load_video_model(model: str | None, device: str, num_frames: int) -> EvalMod
 
 # -- diffusion language models ------------------------------------------------------------------
 
-def load_dllm_model(model: str | None, device: str, gen_length: int, block_length: int) -> EvalModel:
-    """A LLaDA-style dLLM (default: the shipped cipher reference model) on its cipher task.
+def dllm_valid_answers(prompt: torch.Tensor, mask: torch.Tensor, gen_length: int) -> torch.Tensor:
+    """Every valid answer of one "scripts" problem, (n_allowed, gen_length): the prompt's message
+    repeated over the canvas, written in each allowed script in turn (increasing script order)."""
+    from dcache.pipelines.dllm import scripts_task as task
 
-    Sample ``i`` is the problem drawn with seed ``seeds[i]``; ``draw`` returns the generated canvas
-    (1, gen_length) as token ids (LLaDA low-confidence remasking, one token per step). The task
-    metric is exact match of the whole canvas with the answer.
+    real = prompt[mask.bool()].cpu()
+    scripts = [int(t) - task.MARK0 + 1 for t in real if task.MARK0 <= int(t) < task.MARK0 + task.N_SCRIPTS]
+    msg = prompt.cpu()[-1 - task.PERIOD:-1]
+    digits = msg[torch.arange(gen_length) % task.PERIOD]
+    return torch.stack([10 * s + digits for s in scripts])
+
+
+def load_dllm_model(model: str | None, device: str, gen_length: int, block_length: int) -> EvalModel:
+    """A LLaDA-style dLLM (default: the shipped "scripts" reference model) on its "scripts" task.
+
+    Sample ``i`` is the problem drawn with seed ``seeds[i]`` (``scripts_task.make_problems``: the
+    prompt left-padded, with its attention mask); ``draw`` returns the generated canvas
+    (1, gen_length) as token ids (LLaDA low-confidence remasking, one token per step, the prompt
+    mask passed to the sampler). Each prompt has 2-3 valid answers (one per allowed script); the
+    task metric is exact match of the whole canvas with any of them (``scripts_task.valid_rows``).
+    The model was trained at gen lengths 64 and 256.
     """
     from dcache.eval.bench_dllm import default_model_dir
-    from dcache.pipelines.dllm import tasks
+    from dcache.pipelines.dllm import scripts_task as task
     from dcache.pipelines.dllm.generate import llada_generate
     from dcache.pipelines.dllm.modeling import LLaDAModelLM
 
-    lm = LLaDAModelLM.from_pretrained(os.path.expanduser(model) if model else default_model_dir(), device=device)
-    n_range = (max(1, gen_length * 3 // 4), min(gen_length, tasks.FIELD))
+    lm = LLaDAModelLM.from_pretrained(os.path.expanduser(model) if model else default_model_dir("llada"), device=device)
 
-    def problem(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return tasks.make_problems(1, gen_length=gen_length, n_range=n_range, seed=seed)
+    def problem(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(prompt (1, P), prompt mask (1, P), one valid answer (1, gen_length)) of the seed's problem."""
+        return task.make_problems(1, gen_length=gen_length, seed=seed)
 
     def draw(seed: int, cond: Any, steps: int, guidance: float | None) -> torch.Tensor:
-        prompt, _ = problem(seed)
-        out = llada_generate(lm, prompt.to(device), gen_length=gen_length, block_length=block_length, steps=gen_length)
+        prompt, mask, _ = problem(seed)
+        out = llada_generate(lm, prompt.to(device), mask.to(device), gen_length=gen_length,
+                             block_length=block_length, steps=gen_length)
         return out.sequences.cpu()
 
-    def exact(outputs: torch.Tensor, seeds: list[Any]) -> list[float]:
-        return [float(tasks.exact_match(o[None], problem(int(s))[1])) for o, s in zip(outputs, seeds)]
+    def correct(output: torch.Tensor, seed: int) -> bool:
+        prompt, mask, _ = problem(int(seed))
+        return bool(task.valid_rows(output.reshape(1, -1).cpu(), prompt, mask)[0])
 
-    return EvalModel(lm, "embedded dLLM (LLaDA-style, cipher task)", "problem", draw, lambda n: list(range(n)),
-                     exact, "exact_match", text=lambda s: tasks.render(problem(int(s))[0][0]),
-                     info={"kind": "text", "render": tasks.render, "problem": problem})
+    def exact(outputs: torch.Tensor, seeds: list[Any]) -> list[float]:
+        return [float(correct(o, s)) for o, s in zip(outputs, seeds)]
+
+    def prompt_text(seed: int) -> str:
+        prompt, mask, _ = problem(int(seed))
+        return task.render(prompt[0][mask[0]])
+
+    def answers(seed: int) -> list[str]:
+        prompt, mask, _ = problem(int(seed))
+        return [task.render(a) for a in dllm_valid_answers(prompt[0], mask[0], gen_length)]
+
+    return EvalModel(lm, "embedded dLLM (LLaDA-style, scripts task)", "problem", draw, lambda n: list(range(n)),
+                     exact, "exact_match", text=prompt_text,
+                     info={"kind": "text", "render": task.render, "problem": problem, "correct": correct,
+                           "prompt_text": prompt_text, "answers": answers})
