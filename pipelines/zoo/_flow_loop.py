@@ -1,4 +1,4 @@
-"""The denoising loop the embedded Flux-based pipelines share (digits, scenes).
+"""The loop state and denoising loop the embedded Flux-based pipelines share (digits, scenes).
 
 Euler flow matching with FluxPipeline-style "true CFG": the conditional call inside
 ``transformer.cache_context("cond")``, the unconditional one inside ``cache_context("uncond")``,
@@ -9,6 +9,31 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+
+class FlowLoopMixin:
+    """The read-only loop attributes diffusers' callbacks and cache hooks look for
+    (``current_timestep`` for PAB/FasterCache, ``num_timesteps``, ``interrupt``, ...)."""
+
+    @property
+    def current_timestep(self):
+        return self._current_timestep
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1.0
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
 
 
 def flow_cfg_loop(pipe: Any, latents: torch.Tensor, num_inference_steps: int, device: Any, dtype: torch.dtype,

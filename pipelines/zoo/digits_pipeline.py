@@ -17,12 +17,12 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .digits_model import DigitsClassEmbedder, image_ids, pack, text_ids, unpack
-from ._flow_loop import flow_cfg_loop
+from ._flow_loop import FlowLoopMixin, flow_cfg_loop
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
 
-class FluxDigitsPipeline(DiffusionPipeline):
+class FluxDigitsPipeline(FlowLoopMixin, DiffusionPipeline):
     """Draw handwritten-looking digits 0-9 (grey, 32x32 by default).
 
     >>> from dcache.pipelines.zoo import load_reference_pipeline
@@ -53,26 +53,6 @@ class FluxDigitsPipeline(DiffusionPipeline):
     @property
     def num_classes(self) -> int:
         return self.class_embedder.config.num_classes
-
-    @property
-    def current_timestep(self):
-        return self._current_timestep
-
-    @property
-    def guidance_scale(self) -> float:
-        return self._guidance_scale
-
-    @property
-    def do_classifier_free_guidance(self) -> bool:
-        return self._guidance_scale > 1.0
-
-    @property
-    def num_timesteps(self) -> int:
-        return self._num_timesteps
-
-    @property
-    def interrupt(self) -> bool:
-        return self._interrupt
 
     def _labels(self, class_labels) -> torch.Tensor:
         if isinstance(class_labels, torch.Tensor):

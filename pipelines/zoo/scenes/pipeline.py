@@ -15,12 +15,12 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .grammar import parse_prompt
 from .model import SceneTextEncoder, SceneTokenizer, image_ids, pack, text_ids, unpack
-from .._flow_loop import flow_cfg_loop
+from .._flow_loop import FlowLoopMixin, flow_cfg_loop
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
 
-class FluxScenesPipeline(DiffusionPipeline):
+class FluxScenesPipeline(FlowLoopMixin, DiffusionPipeline):
     """Draw the scene a prompt describes (see ``grammar.GRAMMAR``), 32x32 RGB.
 
     >>> from dcache.pipelines.zoo.scenes import load_scenes_pipeline
@@ -51,26 +51,6 @@ class FluxScenesPipeline(DiffusionPipeline):
         self._guidance_scale = 1.0
         self._num_timesteps = 0
         self._interrupt = False
-
-    @property
-    def current_timestep(self):
-        return self._current_timestep
-
-    @property
-    def guidance_scale(self) -> float:
-        return self._guidance_scale
-
-    @property
-    def do_classifier_free_guidance(self) -> bool:
-        return self._guidance_scale > 1.0
-
-    @property
-    def num_timesteps(self) -> int:
-        return self._num_timesteps
-
-    @property
-    def interrupt(self) -> bool:
-        return self._interrupt
 
     @staticmethod
     def _prompts(prompt) -> list[str]:
