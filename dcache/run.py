@@ -71,6 +71,8 @@ class Run:
         self.calls = 0
         self.counts = {"computed": 0, "reused": 0, "forecast": 0}
         self.site_counts: dict[str, dict[str, int]] = {}
+        # Token-subset sites: site -> [tokens that went through the module, tokens it was called on].
+        self.tokens: dict[str, list[int]] = {}
         self.flops_total = 0.0
         self.flops_avoided = 0.0
         self.flops_measured = True
@@ -155,6 +157,12 @@ class Run:
             d = self.site_counts.setdefault(site, {"computed": 0, "reused": 0, "forecast": 0})
             d[kind] += n
 
+    def count_tokens(self, site: str, computed: int, total: int) -> None:
+        """A token-subset site ran ``computed`` of the ``total`` tokens (batch rows included) it was given."""
+        t = self.tokens.setdefault(site, [0, 0])
+        t[0] += computed
+        t[1] += total
+
     def avoid(self, module_name: str, fraction: float = 1.0) -> None:
         """Record that ``module_name`` was skipped in the current call (or ``fraction`` of its
         batch rows were); priced when the call ends."""
@@ -185,6 +193,8 @@ class Run:
             "reused": self.counts["reused"],
             "forecast": self.counts["forecast"],
             "sites": {k: dict(v) for k, v in self.site_counts.items()},
+            # Token-subset sites only: {site: {"computed": tokens run, "total": tokens seen}}.
+            "tokens": {k: {"computed": v[0], "total": v[1]} for k, v in self.tokens.items()},
             "flops_avoided_fraction": frac,
             "estimated_speedup": 1.0 / (1.0 - frac) if frac < 1 else float("inf"),
             "flops_measured": self.flops_measured,

@@ -26,6 +26,10 @@ class BlockSpec:
         feeders: children whose outputs flow only into a site (Flux single blocks: ``attn``,
             ``proj_mlp`` and ``act_mlp`` feed ``proj_out``); they are skipped together with that
             site and return an empty placeholder, so they must have no other consumer.
+        token_sites: (child, kind) pairs that token-subset policies recompute on chosen tokens;
+            kind is ``"self"`` (self/joint attention: recomputed or reused in full), ``"cross"``
+            (cross-attention: per query token, text K/V in full), ``"mlp"`` (per token), or
+            ``"follows:<child>"`` (per token, on the tokens that child chose in the same call).
     """
 
     hidden: str = "hidden_states"
@@ -33,6 +37,7 @@ class BlockSpec:
     returns: tuple[str, ...] = ("hidden",)
     sites: tuple[str, ...] = ()
     feeders: tuple[str, ...] = ()
+    token_sites: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass

@@ -3,11 +3,15 @@
 from dcache.pipelines.adapters.base import Adapter, BlockSpec
 
 # Both Flux block kinds take (hidden, encoder) and return (encoder, hidden) in diffusers >= 0.35.
-_DOUBLE = BlockSpec(encoder="encoder_hidden_states", returns=("encoder", "hidden"), sites=("attn", "ff", "ff_context"))
+_DOUBLE = BlockSpec(encoder="encoder_hidden_states", returns=("encoder", "hidden"), sites=("attn", "ff", "ff_context"),
+                    token_sites=(("attn", "self"), ("ff", "mlp"), ("ff_context", "mlp")))
 # Single blocks fuse attention and MLP in `proj_out`; TaylorSeer caches that pre-gate output
 # (arXiv 2503.06923 code: `total = linear2(cat(attn, mlp))`), so attn/proj_mlp only feed it.
 _SINGLE = BlockSpec(
-    encoder="encoder_hidden_states", returns=("encoder", "hidden"), sites=("proj_out",), feeders=("attn", "proj_mlp", "act_mlp")
+    encoder="encoder_hidden_states", returns=("encoder", "hidden"), sites=("proj_out",), feeders=("attn", "proj_mlp", "act_mlp"),
+    # Token subsets: proj_mlp picks the tokens, proj_out runs on the same ones (its input is
+    # cat(attn, act(proj_mlp)), fresh in the MLP half exactly there); act_mlp is elementwise.
+    token_sites=(("proj_mlp", "mlp"), ("attn", "self"), ("proj_out", "follows:proj_mlp")),
 )
 
 

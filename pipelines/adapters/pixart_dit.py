@@ -6,7 +6,8 @@ import torch
 
 from dcache.pipelines.adapters.base import Adapter, BlockSpec, get_arg
 
-_BASIC = BlockSpec(encoder=None, returns=("hidden",), sites=("attn1", "attn2", "ff"))
+_BASIC = BlockSpec(encoder=None, returns=("hidden",), sites=("attn1", "attn2", "ff"),
+                   token_sites=(("attn1", "self"), ("attn2", "cross"), ("ff", "mlp")))
 
 
 class BasicBlockAdapter(Adapter):

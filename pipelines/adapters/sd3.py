@@ -3,7 +3,9 @@
 from dcache.pipelines.adapters.base import Adapter, BlockSpec
 
 _JOINT = BlockSpec(
-    encoder="encoder_hidden_states", returns=("encoder", "hidden"), sites=("attn", "attn2", "ff", "ff_context")
+    encoder="encoder_hidden_states", returns=("encoder", "hidden"), sites=("attn", "attn2", "ff", "ff_context"),
+    # attn2 is SD3.5's second self-attention on the image stream (dual-attention blocks).
+    token_sites=(("attn", "self"), ("attn2", "self"), ("ff", "mlp"), ("ff_context", "mlp")),
 )
 
 
