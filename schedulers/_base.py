@@ -11,6 +11,7 @@ step            StepPolicy (_step.py)       block_chain.py, whole_model.py (UNet
 module          ModulePolicy (_module.py)   module_sites.py
 block           BlockPolicy (_block.py)     block_range.py
 guidance        GuidancePolicy (_guidance)  guidance.py
+token           TokenPolicy (_token.py)     token_subset.py
 ==============  ==========================  ====================================
 """
 
@@ -21,6 +22,7 @@ from dcache.schedulers._common import Action, Policy, PolicyEnv, PolicyState
 from dcache.schedulers._guidance import GuidancePolicy
 from dcache.schedulers._module import ModulePolicy
 from dcache.schedulers._step import StepPolicy
+from dcache.schedulers._token import TokenPolicy
 
 __all__ = ["Action", "Policy", "PolicyEnv", "PolicyState", "StepPolicy", "ModulePolicy", "BlockPolicy",
-           "GuidancePolicy"]
+           "GuidancePolicy", "TokenPolicy"]
