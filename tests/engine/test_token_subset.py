@@ -78,7 +78,7 @@ def check_against_replica(rec, branches, fraction=0.5):
     return checked
 
 
-# (pipeline, [(site path, kind)], CFG layout: calls per step)
+# pipeline -> (token sites to check, denoiser calls per step: 1 batched CFG or none, 2 two-call CFG)
 CASES = {
     "flux": (lambda tr: [tr.transformer_blocks[0].ff, tr.transformer_blocks[0].ff_context,
                          tr.single_transformer_blocks[0].proj_mlp], 1),
