@@ -11,16 +11,18 @@ step            StepPolicy (_step.py)       block_chain.py, whole_model.py (UNet
 module          ModulePolicy (_module.py)   module_sites.py
 block           BlockPolicy (_block.py)     block_range.py
 guidance        GuidancePolicy (_guidance)  guidance.py
+unet_branch     BranchPolicy (_branch.py)   unet_branch.py (DeepCache)
 ==============  ==========================  ====================================
 """
 
 from __future__ import annotations
 
 from dcache.schedulers._block import BlockPolicy
+from dcache.schedulers._branch import BranchPolicy
 from dcache.schedulers._common import Action, Policy, PolicyEnv, PolicyState
 from dcache.schedulers._guidance import GuidancePolicy
 from dcache.schedulers._module import ModulePolicy
 from dcache.schedulers._step import StepPolicy
 
 __all__ = ["Action", "Policy", "PolicyEnv", "PolicyState", "StepPolicy", "ModulePolicy", "BlockPolicy",
-           "GuidancePolicy"]
+           "GuidancePolicy", "BranchPolicy"]

@@ -12,6 +12,7 @@ step          whole_model.py       the denoiser call (models without a block cha
 module        module_sites.py      attention/MLP sites inside each block (forecasters)
 block         block_range.py       the blocks a policy names (reuse each block's residual)
 guidance      guidance.py          the denoiser call of guidance branches ≥ 1 (CFG)
+unet_branch   unet_branch.py       the modules beneath a UNet skip branch + its up block (DeepCache)
 ============  ===================  ==========================================================
 
 How to add one: ``docs/engine.md``.
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from dcache.installers import block_chain, block_range, guidance, module_sites, whole_model
+from dcache.installers import block_chain, block_range, guidance, module_sites, unet_branch, whole_model
 
 Installer = Callable[[Any, Any], int]
 _INSTALLERS: dict[str, Installer] = {}
@@ -51,3 +52,4 @@ register_installer("step", _step)
 register_installer("module", module_sites.install)
 register_installer("block", block_range.install)
 register_installer("guidance", guidance.install)
+register_installer("unet_branch", unet_branch.install)
