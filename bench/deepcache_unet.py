@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     unet = pipe.unet
     torch.manual_seed(1)
     kw = dict(prompt_embeds=torch.randn(1, 16, 64), negative_prompt_embeds=torch.randn(1, 16, 64),
-              height=8 * a.latent, width=8 * a.latent, guidance_scale=7.5, output_type="latent",
+              height=pipe.vae_scale_factor * a.latent, width=pipe.vae_scale_factor * a.latent, guidance_scale=7.5,
+              output_type="latent",
               num_inference_steps=a.steps)
 
     def generate():
@@ -134,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
                            reused=stats.get("reused", 0), rel_l2_error=err,
                            psnr_latent=float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(rng ** 2 / mse)).item(),
                            wall=[], cpu=[])
-    for _ in range(a.repeats):
+    print(f"untimed pass done; latents {tuple(ref.shape)}", flush=True)
+    for rnd in range(a.repeats):
+        print(f"round {rnd + 1}/{a.repeats}", flush=True)
         for label, policy, opts in CONFIGS:
             install(policy, opts)
             t0, c0 = time.perf_counter(), time.process_time()
