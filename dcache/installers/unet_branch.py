@@ -46,7 +46,8 @@ class _Decision:
             if not full and (cached is None or sample is None or cached["sample"] != tuple(sample.shape)):
                 full = True  # guard: no feature yet, or one computed for another batch/size
             if full:
-                run.cache[(self.pid, "feature", step.branch)] = {"sample": None if sample is None else tuple(sample.shape)}
+                shape = None if sample is None else tuple(sample.shape)
+                run.cache[(self.pid, "feature", step.branch)] = {"sample": shape}
             step.decisions[key] = full
         return CALL
 
@@ -125,5 +126,6 @@ def install(target: Any, policy: Any) -> int:
     for kind, module in adapter.deep_modules(model, policy.branch):
         target.hook(module, _Deep(target, policy, kind, module))
         hooked += 1
-    target.hook(adapter.branch_up_block(model, policy.branch), _BranchUp(target, policy, adapter.branch_up_block(model, policy.branch)))
+    up = adapter.branch_up_block(model, policy.branch)
+    target.hook(up, _BranchUp(target, policy, up))
     return hooked + 1
