@@ -12,12 +12,14 @@ module          ModulePolicy (_module.py)   module_sites.py
 block           BlockPolicy (_block.py)     block_range.py
 guidance        GuidancePolicy (_guidance)  guidance.py
 token           TokenPolicy (_token.py)     token_subset.py
+unet_branch     BranchPolicy (_branch.py)   unet_branch.py (DeepCache)
 ==============  ==========================  ====================================
 """
 
 from __future__ import annotations
 
 from dcache.schedulers._block import BlockPolicy
+from dcache.schedulers._branch import BranchPolicy
 from dcache.schedulers._common import Action, Policy, PolicyEnv, PolicyState
 from dcache.schedulers._guidance import GuidancePolicy
 from dcache.schedulers._module import ModulePolicy
@@ -25,4 +27,4 @@ from dcache.schedulers._step import StepPolicy
 from dcache.schedulers._token import TokenPolicy
 
 __all__ = ["Action", "Policy", "PolicyEnv", "PolicyState", "StepPolicy", "ModulePolicy", "BlockPolicy",
-           "GuidancePolicy", "TokenPolicy"]
+           "GuidancePolicy", "TokenPolicy", "BranchPolicy"]

@@ -13,6 +13,7 @@ module        module_sites.py      attention/MLP sites inside each block (foreca
 block         block_range.py       the blocks a policy names (reuse each block's residual)
 guidance      guidance.py          the denoiser call of guidance branches ≥ 1 (CFG)
 token         token_subset.py      attention/MLP token sites (recompute chosen tokens, ToCa)
+unet_branch   unet_branch.py       the modules beneath a UNet skip branch + its up block (DeepCache)
 ============  ===================  ==========================================================
 
 How to add one: ``docs/engine.md``.
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from dcache.installers import block_chain, block_range, guidance, module_sites, token_subset, whole_model
+from dcache.installers import block_chain, block_range, guidance, module_sites, token_subset, unet_branch, whole_model
 
 Installer = Callable[[Any, Any], int]
 _INSTALLERS: dict[str, Installer] = {}
@@ -53,3 +54,4 @@ register_installer("module", module_sites.install)
 register_installer("block", block_range.install)
 register_installer("guidance", guidance.install)
 register_installer("token", token_subset.install)
+register_installer("unet_branch", unet_branch.install)
