@@ -12,6 +12,8 @@ step          whole_model.py       the denoiser call (models without a block cha
 module        module_sites.py      attention/MLP sites inside each block (forecasters)
 block         block_range.py       the blocks a policy names (reuse each block's residual)
 guidance      guidance.py          the denoiser call of guidance branches ≥ 1 (CFG)
+attention     attention.py         attention modules by kind: spatial / temporal / cross (PAB)
+cfg-cache     cfg_cache.py         the denoiser call, both CFG layouts, + attention (FasterCache)
 ============  ===================  ==========================================================
 
 How to add one: ``docs/engine.md``.
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from dcache.installers import block_chain, block_range, guidance, module_sites, whole_model
+from dcache.installers import attention, block_chain, block_range, cfg_cache, guidance, module_sites, whole_model
 
 Installer = Callable[[Any, Any], int]
 _INSTALLERS: dict[str, Installer] = {}
@@ -51,3 +53,5 @@ register_installer("step", _step)
 register_installer("module", module_sites.install)
 register_installer("block", block_range.install)
 register_installer("guidance", guidance.install)
+register_installer("attention", attention.install)
+register_installer("cfg-cache", cfg_cache.install)

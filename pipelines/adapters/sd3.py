@@ -3,7 +3,9 @@
 from dcache.pipelines.adapters.base import Adapter, BlockSpec
 
 _JOINT = BlockSpec(
-    encoder="encoder_hidden_states", returns=("encoder", "hidden"), sites=("attn", "attn2", "ff", "ff_context")
+    encoder="encoder_hidden_states", returns=("encoder", "hidden"), sites=("attn", "attn2", "ff", "ff_context"),
+    # SD3.5's attn2 is a second self-attention over the image tokens, not cross-attention.
+    attention=(("attn", "spatial"), ("attn2", "spatial")),
 )
 
 

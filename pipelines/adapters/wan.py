@@ -2,7 +2,8 @@
 
 from dcache.pipelines.adapters.base import Adapter, BlockSpec, TimestepEmbeddingProbeAdapter
 
-_BLOCK = BlockSpec(encoder=None, returns=("hidden",), sites=("attn1", "attn2", "ffn"))
+_BLOCK = BlockSpec(encoder=None, returns=("hidden",), sites=("attn1", "attn2", "ffn"),
+                   attention=(("attn1", "spatial"), ("attn2", "cross")))
 
 
 def make() -> Adapter:
