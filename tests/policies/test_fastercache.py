@@ -55,8 +55,8 @@ def _record_calls(model):
     return calls, model.register_forward_hook(hook, with_kwargs=True)
 
 
-@pytest.mark.parametrize("name", ["flux", "wan"])
-def test_sequential_cfg_uncond_rebuilt_from_cond(name):
+@pytest.mark.parametrize("name,composed", [("flux", False), ("wan", False), ("flux", True)])
+def test_sequential_cfg_uncond_rebuilt_from_cond(name, composed):
     """Two denoiser calls per step (where diffusers' FasterCache fails with an IndexError): the
     second call is not made on cached steps and its output is the frequency-split rebuild."""
     import tiny
@@ -65,19 +65,25 @@ def test_sequential_cfg_uncond_rebuilt_from_cond(name):
     pipe.set_progress_bar_config(disable=True)
     calls, h = _record_calls(pipe.transformer)
     inner = []
-    h2 = pipe.transformer.register_forward_pre_hook(lambda m, a: inner.append(1))
+    first = (pipe.transformer.transformer_blocks if name == "flux" else pipe.transformer.blocks)[0]
+    h2 = first.register_forward_pre_hook(lambda m, a: inner.append(1))
     try:
-        with dcache.accelerated(pipe, "fastercache", attention_skip_range=0):
+        # Composed: TaylorSeer forecasts the features, CFG-Cache rebuilds uncond from its cond output.
+        policy, opts = (["taylorseer", "fastercache"], {"taylorseer": {"interval": 3}}) if composed \
+            else ("fastercache", {"attention_skip_range": 0})
+        with dcache.accelerated(pipe, policy, **opts):
             pipe(generator=torch.Generator().manual_seed(0), num_inference_steps=STEPS, **kw)
             stats = pipe.dcache.stats()
     finally:
         h.remove()
         h2.remove()
     assert len(calls) == 2 * STEPS
+    assert (stats["forecast"] > 0) == composed
     tl = stats["timeline"]
     computed = [e["step"] for e in tl if e["branch"] == 1 and e["sites"].get("uncond") == "computed"]
     assert computed == uncond_computed(STEPS)
-    assert stats["reused"] == STEPS - len(computed)
+    assert sum(e["sites"].get("uncond") == "reused" for e in tl) == STEPS - len(computed)
+    assert len(inner) == STEPS + len(computed)  # the skipped uncond calls never reach the model
     last_full = None
     for s in range(STEPS):
         kwc, cond = calls[2 * s]
