@@ -48,7 +48,7 @@ class AttentionPolicy(Policy):
     many computed outputs ``produce`` needs.
     """
 
-    granularity = "attention"
+    granularity = "attention-output"
     history_depth = 1
     ranges: dict[str, int] = {}
 

@@ -79,7 +79,7 @@ class PABPolicy(AttentionPolicy):
         return history.values[0] if history.values else None
 
 
-@register_policy("pab", description="Pyramid Attention Broadcast: reuse spatial/temporal/cross attention outputs for N steps mid-sampling", granularity="attention")
+@register_policy("pab", description="Pyramid Attention Broadcast: reuse spatial/temporal/cross attention outputs for N steps mid-sampling", granularity="attention-output")
 @dataclass
 class PABConfig:
     """Pyramid Attention Broadcast.

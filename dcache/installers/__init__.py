@@ -4,17 +4,17 @@ sites it hooked; ``dcache.engine.install`` adds the counts up and refuses 0.
 An installer is ``fn(target, policy) -> int`` registered under the policy base's ``granularity``
 with :func:`register_installer`. Built in:
 
-============  ===================  ==========================================================
-granularity   file                 hooks
-============  ===================  ==========================================================
-step          block_chain.py       every block of the chain (reuse the span's residual)
-step          whole_model.py       the denoiser call (models without a block chain: UNets)
-module        module_sites.py      attention/MLP sites inside each block (forecasters)
-block         block_range.py       the blocks a policy names (reuse each block's residual)
-guidance      guidance.py          the denoiser call of guidance branches ≥ 1 (CFG)
-attention     attention.py         attention modules by kind: spatial / temporal / cross (PAB)
-cfg-cache     cfg_cache.py         the denoiser call, both CFG layouts, + attention (FasterCache)
-============  ===================  ==========================================================
+================  ===================  ==========================================================
+granularity       file                 hooks
+================  ===================  ==========================================================
+step              block_chain.py       every block of the chain (reuse the span's residual)
+step              whole_model.py       the denoiser call (models without a block chain: UNets)
+module            module_sites.py      attention/MLP sites inside each block (forecasters)
+block             block_range.py       the blocks a policy names (reuse each block's residual)
+guidance          guidance.py          the denoiser call of guidance branches ≥ 1 (CFG)
+attention-output  attention.py         attention modules by kind: spatial / temporal / cross (PAB)
+cfg-cache         cfg_cache.py         the denoiser call, both CFG layouts, + attention (FasterCache)
+================  ===================  ==========================================================
 
 How to add one: ``docs/engine.md``.
 """
@@ -53,5 +53,5 @@ register_installer("step", _step)
 register_installer("module", module_sites.install)
 register_installer("block", block_range.install)
 register_installer("guidance", guidance.install)
-register_installer("attention", attention.install)
+register_installer("attention-output", attention.install)
 register_installer("cfg-cache", cfg_cache.install)

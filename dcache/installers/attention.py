@@ -1,4 +1,4 @@
-"""Attention-level caching (granularity ``attention``): attention modules computed or produced.
+"""Attention-level caching (granularity ``attention-output``): attention modules computed or produced.
 
 Hooks every attention module the adapter names (``BlockSpec.attention``) whose kind the policy
 has a nonzero range for. The decision is taken once per (step, branch, kind) and shared by every

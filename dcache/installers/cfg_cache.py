@@ -40,7 +40,7 @@ from dcache.wrapper import CALL
 logger = logging.getLogger("dcache")
 
 # Configs of these granularities cache the blocks' features themselves.
-_FEATURE_GRANULARITIES = ("step", "module", "block", "attention", "token")
+_FEATURE_GRANULARITIES = ("step", "module", "block", "attention-output", "token")
 
 
 def to_grid(adapter: Any, model: torch.nn.Module, pred: torch.Tensor, args: tuple, kwargs: dict):

@@ -130,6 +130,6 @@ def test_no_state_across_runs_and_disable_exact(tiny_pipes):
 def test_listed_with_granularity():
     from dcache.registry import get_policy
 
-    assert get_policy("pab").granularity == "attention"
+    assert get_policy("pab").granularity == "attention-output"
     assert get_policy("fastercache").granularity == "guidance"
     assert {"pab", "fastercache"} <= set(dcache.policies("image"))
