@@ -269,3 +269,42 @@ def test_composition_rules(tiny_pipes):
     with pytest.raises(ValueError, match="forecasts the same modules"):
         dcache.accelerate(pipe, ["pab", "taylorseer"])
     assert "dcache" not in pipe.__dict__
+
+
+# adapter -> (first block path, CFG layout)
+LAYOUTS = {"sd3": ("transformer_blocks.0", "batched"), "cogvideox": ("transformer_blocks.0", "batched"),
+           "ltx": ("transformer_blocks.0", "batched"), "qwenimage": ("transformer_blocks.0", "sequential")}
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_inner_calls_drop_on_the_other_adapters(tiny_pipes, name):
+    """The first block's calls (and their batch rows) follow the uncond schedule; with default
+    attention reuse the attention projections drop further on the steps the schedule says."""
+    pipe, kw, attr, _ = tiny_pipes(name)
+    path, layout = LAYOUTS[name]
+    block = pipe.transformer.get_submodule(path)
+    rows, q = [], []
+    h = block.register_forward_pre_hook(lambda m, a, k: rows.append(
+        (a[0] if a else k["hidden_states"]).shape[0]), with_kwargs=True)
+    h2 = block.attn1.to_q.register_forward_hook(lambda *a: q.append(1)) if hasattr(block, "attn1") \
+        else block.attn.to_q.register_forward_hook(lambda *a: q.append(1))
+    try:
+        with dcache.accelerated(pipe, "fastercache", attention_skip_range=0):
+            pipe(generator=torch.Generator().manual_seed(0), num_inference_steps=STEPS, **kw)
+        cfg_only = len(q)
+        q.clear()
+        rows_cfg = list(rows)
+        with dcache.accelerated(pipe, "fastercache"):
+            pipe(generator=torch.Generator().manual_seed(0), num_inference_steps=STEPS, **kw)
+    finally:
+        h.remove()
+        h2.remove()
+    full = uncond_computed(STEPS)
+    if layout == "batched":
+        assert rows_cfg == [2 if s in full else 1 for s in range(STEPS)]
+        assert cfg_only == STEPS
+        reused = [s for s in range(STEPS) if s / STEPS >= 0.32 and s % 2 and s != STEPS - 1]
+        assert len(q) == STEPS - len(reused)
+    else:
+        assert len(rows_cfg) == cfg_only == STEPS + len(full)
+        assert len(q) < cfg_only
