@@ -83,9 +83,7 @@ class _CfgCache:
         x = get_arg(m, "hidden_states", args, kwargs)
         return x if isinstance(x, torch.Tensor) else get_arg(m, "sample", args, kwargs)
 
-    def _batched(self, run: Any, args: tuple, kwargs: dict) -> bool:
-        if run.cache.get((self.pid, "sequential")):
-            return False  # a step of this run had a second call: two prompts sharing latents, not CFG
+    def _batched(self, args: tuple, kwargs: dict) -> bool:
         x = self._sample(args, kwargs)
         if not isinstance(x, torch.Tensor) or x.ndim == 0 or x.shape[0] % 2:
             return False
@@ -118,12 +116,11 @@ class _CfgCache:
     # -- the interceptor -----------------------------------------------------------------------
     def intercept(self, run: Any, step: Any, args: tuple, kwargs: dict) -> Any:
         if step.branch == 0:
-            batched = self._batched(run, args, kwargs)
+            batched = self._batched(args, kwargs)
             run.cache[(self.pid, "batched")] = batched
             if not batched or self._compute(run, step) or not self.policy.cfg_ready(self._state(run)):
                 return CALL
             return self._half_call(run, step, args, kwargs)
-        run.cache[(self.pid, "sequential")] = True
         if step.branch != 1:
             return CALL
         cond = run.cache.get((self.pid, "cond"))

@@ -308,23 +308,3 @@ def test_inner_calls_drop_on_the_other_adapters(tiny_pipes, name):
     else:
         assert len(rows_cfg) == cfg_only == STEPS + len(full)
         assert len(q) < cfg_only
-
-
-def test_two_prompts_sharing_latents_are_not_taken_for_batched_cfg():
-    """Wan (two calls per step) with a batch of two prompts on the same latents: the halves of the
-    sample are equal, but the run's second call per step says it is not batched CFG."""
-    import tiny
-
-    pipe, kw, attr, _ = tiny.build("wan")
-    torch.manual_seed(3)
-    latents = torch.randn(1, 16, 2, 2, 2).repeat(2, 1, 1, 1, 1)  # 5 frames -> 2 latent frames, 16x16 -> 2x2
-    kw = dict(kw, prompt_embeds=torch.randn(2, 16, 32), negative_prompt_embeds=torch.randn(2, 16, 32),
-              latents=latents)
-    rows = []
-    h = pipe.transformer.blocks[0].register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
-    try:
-        with dcache.accelerated(pipe, "fastercache", attention_skip_range=0):
-            pipe(num_inference_steps=STEPS, **kw)
-    finally:
-        h.remove()
-    assert set(rows) == {2} and len(rows) == STEPS + len(uncond_computed(STEPS))
