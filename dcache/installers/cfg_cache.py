@@ -10,7 +10,9 @@ were computed.
 * One call on a batch of 2B (SD, PixArt, SD3, CogVideoX, DiT): recognised by the two halves of
   the sample input being equal (the pipelines pass ``cat([latents] * 2)``); on a produced step
   the denoiser runs on the conditional half only (``adapter.batched_cfg_cond_half``) and the
-  other half is rebuilt. Any other batch is computed as it is. (diffusers' FasterCache assumes
+  other half is rebuilt. Any other batch is computed as it is. Two prompts that start from
+  the same latents have equal halves at step 0 only, which is always computed in full; their
+  latents part after it, while batched CFG concatenates the same latents every step. (diffusers' FasterCache assumes
   this layout everywhere and fails with an IndexError on a sequential-CFG pipeline, where the
   batch is 1: shared/reference/diffusers-hooks.md §1.4.)
 
