@@ -12,9 +12,9 @@ were computed.
   the denoiser runs on the conditional half only (``adapter.batched_cfg_cond_half``) and the
   other half is rebuilt. Any other batch is computed as it is. Two prompts that start from
   the same latents have equal halves at step 0 only, which is always computed in full; their
-  latents part after it, while batched CFG concatenates the same latents every step. (diffusers' FasterCache assumes
-  this layout everywhere and fails with an IndexError on a sequential-CFG pipeline, where the
-  batch is 1: shared/reference/diffusers-hooks.md §1.4.)
+  latents part after it, while batched CFG concatenates the same latents every step.
+  (diffusers' FasterCache assumes this layout everywhere and fails with an IndexError on a
+  sequential-CFG pipeline, where the batch is 1: shared/reference/diffusers-hooks.md §1.4.)
 
 Predictions are handed to the policy as grids (..., H, W) for its FFT: image/video outputs as
 they are, token outputs (B, N, C) through the adapter's ``token_grid``.
