@@ -56,6 +56,7 @@ class PABState(PolicyState):
 
 class PABPolicy(AttentionPolicy):
     history_depth = 1
+    name = "pab"
 
     def __init__(self, config: "PABConfig", ranges: dict[str, int]) -> None:
         self.config = config

@@ -103,7 +103,8 @@ class _AttentionSite:
         if rows is not None:
             leaves = [None if t is None else t.chunk(2, dim=0)[rows] for t in leaves]
         run.count("reused", self.name)
-        run.avoid(self.name)
+        # Priced on the full call's FLOP table: during a half-batch call the module costs half.
+        run.avoid(self.name, 1.0 if rows is None else 0.5)
         return _rebuild(entry.kind, leaves)
 
     def post(self, args: tuple, kwargs: dict, out: Any) -> Any:
@@ -158,6 +159,7 @@ def check_no_attention_owner(target: Any, policy_name: str) -> None:
 
 
 def install(target: Any, policy: Any, name: str | None = None) -> int:
+    name = name or getattr(policy, "name", None)
     if not target.adapter.has_blocks:
         raise ValueError(
             f"{name or 'this policy'} reuses attention outputs inside transformer blocks; {target.adapter.family} "
