@@ -308,3 +308,15 @@ def test_inner_calls_drop_on_the_other_adapters(tiny_pipes, name):
     else:
         assert len(rows_cfg) == cfg_only == STEPS + len(full)
         assert len(q) < cfg_only
+
+
+def test_bench_syntax_composes_policies():
+    from dcache.eval.policy_spec import parse_policies
+
+    assert parse_policies("taylorseer(interval=3)+fastercache(cfg_skip_range=4),pab") == [
+        ("taylorseer+fastercache", {"taylorseer": {"interval": 3}, "fastercache": {"cfg_skip_range": 4}}),
+        ("pab", {})]
+    with pytest.raises(ValueError, match="one policy per granularity"):
+        parse_policies("teacache+fbcache")
+    with pytest.raises(ValueError, match="cfg_skip_range"):
+        parse_policies("taylorseer+fastercache(cfg_skip_range=0)")
