@@ -95,6 +95,8 @@ def _env(adapter: Any, denoiser: torch.nn.Module, blocks: list) -> PolicyEnv:
         model_id=str(getattr(getattr(denoiser, "config", None), "_name_or_path", "") or type(denoiser).__name__),
         parallel_group=_parallel_group(denoiser),
         teacache_warmup_steps=adapter.teacache_warmup_for(denoiser),
+        attention_kinds=tuple(sorted(adapter.attention_kinds(blocks))) if adapter.has_blocks else (),
+        guidance_distilled=adapter.guidance_distilled(denoiser),
     )
 
 

@@ -399,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dcache_setup(pipe: Any, name: str, opts: dict) -> tuple[Callable, Callable]:
-    dcache.accelerate(pipe, name, **opts)
+    # "a+b": policies composed on one model, options per part (eval.policy_spec).
+    dcache.accelerate(pipe, name.split("+") if "+" in name else name, **opts)
     return (lambda p: None), dcache.disable
 
 

@@ -71,6 +71,39 @@ def _diffusers_magcache(threshold: float, max_skip: int, calibration_call: Calla
     return setup
 
 
+def _diffusers_probed(config_factory: Callable[[Any, int], Any], probe_call: Callable[[Any, int], None]):
+    """A diffusers cache that needs the pipeline (``current_timestep``) and may crash on it: one probe
+    generation runs right after installing, so a crash is reported with its reason, not hidden."""
+
+    def setup(pipe: Any, steps: int):
+        pipe.transformer.enable_cache(config_factory(pipe, steps))
+        try:
+            probe_call(pipe, steps)
+        except Exception as e:
+            pipe.transformer.disable_cache()
+            raise RuntimeError(f"crashed on this pipeline ({type(e).__name__}: {e})") from e
+        return _noop, lambda p: p.transformer.disable_cache()
+
+    return setup
+
+
+def _faster_cache_config(pipe: Any, steps: int) -> Any:
+    from diffusers import FasterCacheConfig
+
+    # diffusers' defaults; the attention weight is its documented fallback 0.5, set explicitly.
+    return FasterCacheConfig(current_timestep_callback=lambda: pipe.current_timestep,
+                             attention_weight_callback=lambda _: 0.5, tensor_format="BCHW")
+
+
+def _pab_config(pipe: Any, steps: int) -> Any:
+    from diffusers import PyramidAttentionBroadcastConfig
+
+    # The docs example's spatial range 2 over diffusers' default window, timesteps (100, 800).
+    return PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
+                                           spatial_attention_timestep_skip_range=(100, 800),
+                                           current_timestep_callback=lambda: pipe.current_timestep)
+
+
 def _cache_dit(threshold: float, taylorseer: bool, separate_cfg: bool):
     def setup(pipe: Any, steps: int):
         import cache_dit
@@ -122,4 +155,17 @@ def available_peers(calibration_call: Callable[[Any, int], None], separate_cfg: 
         ]
     except ImportError:
         notes.append("cache-dit peers skipped: cache-dit is not installed (pip install dcache[peers])")
+    try:
+        from diffusers import FasterCacheConfig, PyramidAttentionBroadcastConfig  # noqa: F401
+
+        peers += [
+            Peer("diffusers", "FasterCache", {"spatial_attention_block_skip_range": 2,
+                                              "unconditional_batch_skip_range": 5, "attention_weight": 0.5},
+                 _diffusers_probed(_faster_cache_config, calibration_call), "fastercache"),
+            Peer("diffusers", "PyramidAttentionBroadcast", {"spatial_attention_block_skip_range": 2,
+                                                            "spatial_attention_timestep_skip_range": (100, 800)},
+                 _diffusers_probed(_pab_config, calibration_call), "pab"),
+        ]
+    except ImportError as e:  # pragma: no cover - diffusers is a hard dependency
+        notes.append(f"diffusers FasterCache/PAB peers skipped: {e}")
     return peers, notes

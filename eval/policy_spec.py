@@ -1,5 +1,8 @@
 """The one policy-list syntax of every dcache command line: ``name,name(key=value,...),...``.
 
+``a+b(k=v)`` composes policies on one model (one per granularity, e.g. ``taylorseer+fastercache``);
+its options are then per part: ``("a+b", {"a": {}, "b": {"k": v}})``.
+
 Shared by ``dcache bench`` (every task), ``dcache eval`` and the demo, so a list that works in one
 works in all. Values are Python literals (``0.2``, ``True``, ``"fp16"``, ``(1, 2)``); a bare word
 that is not a literal is kept as a string (``dtype=bfloat16``).
@@ -82,15 +85,45 @@ def parse_policies(spec: str, task: str | None = "image", extra_names: tuple[str
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError("no policies given: write name or name(key=value,...), separated by ','")
-    out = [_parse_one(item, spec) for item in _split_top(spec, spec) if item.strip()]
+    out = [_parse_item(item, spec) for item in _split_top(spec, spec) if item.strip()]
     if not out:
         raise ValueError(f"no policies in {spec!r}")
+    from dcache import resolve_policy
     from dcache.registry import make_config
 
     for name, opts in out:
-        if name not in extra_names:
+        if "+" in name:
+            # A composition: one config per part, and the one-per-granularity rule checked now.
+            resolve_policy(name.split("+"), opts, task)
+        elif name not in extra_names:
             make_config(name, opts, task)  # names the accepted policies or options when it refuses
     return out
+
+
+def _parse_item(item: str, spec: str) -> tuple[str, dict[str, Any]]:
+    """``a(k=v)+b`` (policies composed on one model) → ``("a+b", {"a": {"k": v}, "b": {}})``."""
+    parts = [p for p in _split_top_on(item, "+", spec)]
+    if len(parts) == 1:
+        return _parse_one(item, spec)
+    parsed = [_parse_one(p, spec) for p in parts]
+    names = [n for n, _ in parsed]
+    if len(set(names)) != len(names):
+        raise ValueError(f"policy given twice in the composition {item.strip()!r}")
+    return "+".join(names), {n: o for n, o in parsed}
+
+
+def _split_top_on(text: str, sep: str, spec: str) -> list[str]:
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == sep and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return parts
 
 
 def format_policy(name: str, opts: dict[str, Any]) -> str:

@@ -27,6 +27,10 @@ class PolicyEnv:
     parallel_group: Any = None
     # Warm-up steps the coefficient source pairs with its coefficients (TeaCache's Wan ret-steps: 5).
     teacache_warmup_steps: int | None = None
+    # Attention kinds the blocks have (BlockSpec.attention): "spatial", "temporal", "cross".
+    attention_kinds: tuple[str, ...] = ()
+    # Why the model has no true CFG (guidance-distilled), or None.
+    guidance_distilled: str | None = None
 
 
 class PolicyState:

@@ -38,6 +38,7 @@ class BlockSpec:
     sites: tuple[str, ...] = ()
     feeders: tuple[str, ...] = ()
     token_sites: tuple[tuple[str, str], ...] = ()
+    attention: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -55,6 +56,10 @@ class Adapter:
     # Warm-up steps each coefficient set was fitted and published with (key as above); None: 1.
     teacache_warmup: dict[str, int] = field(default_factory=dict)
     has_blocks: bool = True
+    # Batched CFG (one call, batch 2B): which half of the batch is the conditional pass.
+    # diffusers' SD/PixArt/SD3/CogVideoX pipelines concatenate [negative, positive] (1); DiT's
+    # pipeline concatenates [class_labels, class_null] (0).
+    batched_cfg_cond_half: int = 1
 
     # -- blocks ------------------------------------------------------------------------------------
     def blocks(self, model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -72,6 +77,30 @@ class Adapter:
                 f"{self.family} adapter has no spec for block class {name}; known: {sorted(self.block_specs)}"
             )
         return self.block_specs[name]
+
+    def attention_kinds(self, blocks: list[torch.nn.Module]) -> set[str]:
+        """The attention kinds present in ``blocks`` (see :attr:`BlockSpec.attention`)."""
+        kinds = set()
+        for block in blocks:
+            for attr, kind in self.spec(block).attention:
+                if isinstance(getattr(block, attr, None), torch.nn.Module):
+                    kinds.add(kind)
+        return kinds
+
+    def guidance_distilled(self, model: torch.nn.Module) -> str | None:
+        """Why the model has no true classifier-free guidance to cache, or None.
+
+        A guidance-distilled model (FLUX.1-dev, HunyuanVideo) takes the guidance scale as an
+        input embedding (``guidance_embeds``) and is run with one denoiser call per step.
+        """
+        if getattr(getattr(model, "config", None), "guidance_embeds", False):
+            return (f"{type(model).__name__} is guidance-distilled (config.guidance_embeds=True): the guidance "
+                    "scale is an input embedding, there is no unconditional branch to cache")
+        return None
+
+    def token_grid(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int] | None:
+        """(frames, height, width) of the image tokens of a token-sequence prediction (B, N, C), if known."""
+        return None
 
     # -- arguments -----------------------------------------------------------------------------------
     def timestep(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> float:

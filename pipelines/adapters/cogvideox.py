@@ -2,7 +2,8 @@
 
 from dcache.pipelines.adapters.base import Adapter, BlockSpec, TimestepEmbeddingProbeAdapter
 
-_BLOCK = BlockSpec(encoder="encoder_hidden_states", returns=("hidden", "encoder"), sites=("attn1", "ff"))
+_BLOCK = BlockSpec(encoder="encoder_hidden_states", returns=("hidden", "encoder"), sites=("attn1", "ff"),
+                   attention=(("attn1", "spatial"),))
 
 
 def make() -> Adapter:

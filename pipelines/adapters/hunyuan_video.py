@@ -5,9 +5,11 @@ import torch
 from dcache.pipelines.adapters.base import Adapter, BlockSpec, get_arg
 
 # Hunyuan blocks return (hidden, encoder) — the reverse of Flux.
-_DOUBLE = BlockSpec(encoder="encoder_hidden_states", returns=("hidden", "encoder"), sites=("attn", "ff", "ff_context"))
+_DOUBLE = BlockSpec(encoder="encoder_hidden_states", returns=("hidden", "encoder"), sites=("attn", "ff", "ff_context"),
+                    attention=(("attn", "spatial"),))
 _SINGLE = BlockSpec(
-    encoder="encoder_hidden_states", returns=("hidden", "encoder"), sites=("proj_out",), feeders=("attn", "proj_mlp", "act_mlp")
+    encoder="encoder_hidden_states", returns=("hidden", "encoder"), sites=("proj_out",), feeders=("attn", "proj_mlp", "act_mlp"),
+    attention=(("attn", "spatial"),),
 )
 
 

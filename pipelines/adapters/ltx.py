@@ -6,7 +6,8 @@ import torch
 
 from dcache.pipelines.adapters.base import Adapter, BlockSpec, get_arg
 
-_BLOCK = BlockSpec(encoder=None, returns=("hidden",), sites=("attn1", "attn2", "ff"))
+_BLOCK = BlockSpec(encoder=None, returns=("hidden",), sites=("attn1", "attn2", "ff"),
+                   attention=(("attn1", "spatial"), ("attn2", "cross")))
 
 
 class LTXAdapter(Adapter):
@@ -18,6 +19,11 @@ class LTXAdapter(Adapter):
         ada = block.scale_shift_table[None, None].to(temb.device) + temb.reshape(hidden.size(0), temb.size(1), n, -1)
         shift, scale = ada[:, :, 0], ada[:, :, 1]
         return block.norm1(hidden) * (1 + scale) + shift
+
+    def token_grid(self, model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int] | None:
+        # LTX packs (frames, height, width) latent tokens in raster order and is told the grid.
+        dims = [get_arg(model, k, args, kwargs) for k in ("num_frames", "height", "width")]
+        return tuple(int(d) for d in dims) if all(isinstance(d, int) for d in dims) else None
 
 
 def make() -> Adapter:

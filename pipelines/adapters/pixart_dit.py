@@ -7,7 +7,8 @@ import torch
 from dcache.pipelines.adapters.base import Adapter, BlockSpec, get_arg
 
 _BASIC = BlockSpec(encoder=None, returns=("hidden",), sites=("attn1", "attn2", "ff"),
-                   token_sites=(("attn1", "self"), ("attn2", "cross"), ("ff", "mlp")))
+                   token_sites=(("attn1", "self"), ("attn2", "cross"), ("ff", "mlp")),
+                   attention=(("attn1", "spatial"), ("attn2", "cross")))
 
 
 class BasicBlockAdapter(Adapter):
@@ -39,4 +40,5 @@ def make_dit() -> Adapter:
         model_classes=("DiTTransformer2DModel",),
         block_lists=("transformer_blocks",),
         block_specs={"BasicTransformerBlock": _BASIC},
+        batched_cfg_cond_half=0,  # DiTPipeline: cat([class_labels, class_null])
     )

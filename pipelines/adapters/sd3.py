@@ -6,6 +6,8 @@ _JOINT = BlockSpec(
     encoder="encoder_hidden_states", returns=("encoder", "hidden"), sites=("attn", "attn2", "ff", "ff_context"),
     # attn2 is SD3.5's second self-attention on the image stream (dual-attention blocks).
     token_sites=(("attn", "self"), ("attn2", "self"), ("ff", "mlp"), ("ff_context", "mlp")),
+    # SD3.5's attn2 is a second self-attention over the image tokens, not cross-attention.
+    attention=(("attn", "spatial"), ("attn2", "spatial")),
 )
 
 

@@ -3,7 +3,8 @@
 from dcache.pipelines.adapters.base import Adapter, BlockSpec, TimestepEmbeddingProbeAdapter
 
 _BLOCK = BlockSpec(encoder=None, returns=("hidden",), sites=("attn1", "attn2", "ffn"),
-                   token_sites=(("attn1", "self"), ("attn2", "cross"), ("ffn", "mlp")))
+                   token_sites=(("attn1", "self"), ("attn2", "cross"), ("ffn", "mlp")),
+                   attention=(("attn1", "spatial"), ("attn2", "cross")))
 
 
 def make() -> Adapter:
