@@ -185,6 +185,8 @@ class _Chain:
         if compute is None:
             if policy.needs_probe:
                 signal = cs.probe if cs.probe is not None else self.target.adapter.teacache_probe(block, args, kwargs)
+            elif getattr(policy, "needs_input", False):
+                signal = hidden
             elif self.first > 0:
                 signal = None if cs.start is None else hidden - cs.start
             else:
