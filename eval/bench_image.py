@@ -399,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dcache_setup(pipe: Any, name: str, opts: dict) -> tuple[Callable, Callable]:
-    dcache.accelerate(pipe, name, **opts)
+    # "a+b": composed policies (a step gate and a forecaster), options given per policy
+    dcache.accelerate(pipe, name.split("+") if "+" in name else name, **opts)
     return (lambda p: None), dcache.disable
 
 

@@ -74,7 +74,8 @@ def _parse_one(item: str, spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def parse_policies(spec: str, task: str | None = "image", extra_names: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
-    """``"a,b(k=v,k2=v2)"`` → ``[("a", {}), ("b", {"k": v, "k2": v2})]``.
+    """``"a,b(k=v,k2=v2)"`` → ``[("a", {}), ("b", {"k": v, "k2": v2})]``; ``a+b(k=v)`` is one
+    configuration of composed policies → ``("a+b", {"a": {}, "b": {"k": v}})``.
 
     Names are checked against ``dcache.policies(task)`` (plus ``extra_names``, e.g. a bench's
     ``baseline`` row); options are checked by building each policy's config, so a typo is an
@@ -82,15 +83,38 @@ def parse_policies(spec: str, task: str | None = "image", extra_names: tuple[str
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError("no policies given: write name or name(key=value,...), separated by ','")
-    out = [_parse_one(item, spec) for item in _split_top(spec, spec) if item.strip()]
+    out = [_parse_item(item, spec) for item in _split_top(spec, spec) if item.strip()]
     if not out:
         raise ValueError(f"no policies in {spec!r}")
     from dcache.registry import make_config
 
     for name, opts in out:
-        if name not in extra_names:
-            make_config(name, opts, task)  # names the accepted policies or options when it refuses
+        parts = [(name, opts)] if "+" not in name else list(opts.items())
+        for n, o in parts:
+            if n not in extra_names:
+                make_config(n, o, task)  # names the accepted policies or options when it refuses
     return out
+
+
+def _parse_item(item: str, spec: str) -> tuple[str, dict[str, Any]]:
+    """One item; ``a(k=v)+b`` composes policies: ("a+b", {"a": {"k": v}, "b": {}})."""
+    parts, depth, cur = [], 0, ""
+    for ch in item:
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "+" and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    if len(parts) == 1:
+        return _parse_one(item, spec)
+    parsed = [_parse_one(p, spec) for p in parts]
+    names = [n for n, _ in parsed]
+    if len(set(names)) != len(names):
+        raise ValueError(f"policy given twice in {item.strip()!r}")
+    return "+".join(names), dict(parsed)
 
 
 def format_policy(name: str, opts: dict[str, Any]) -> str:

@@ -144,3 +144,14 @@ def test_per_sample_gate_cannot_compose(tiny_pipes):
     with pytest.raises(ValueError, match="per_sample step gates cannot be composed with a module forecaster"):
         dcache.accelerate(pipe, ["taylorseer", "fbcache"], fbcache={"per_sample": True})
     assert "dcache" not in pipe.__dict__
+
+
+def test_policy_spec_composes_with_plus():
+    from dcache.eval.policy_spec import parse_policies
+
+    assert parse_policies("fbcache(threshold=0.2,warmup_steps=3)+taylorseer,fbcache") == [
+        ("fbcache+taylorseer", {"fbcache": {"threshold": 0.2, "warmup_steps": 3}, "taylorseer": {}}), ("fbcache", {})]
+    with pytest.raises(ValueError, match="unknown option"):
+        parse_policies("fbcache+taylorseer(bogus=1)")
+    with pytest.raises(ValueError, match="policy given twice"):
+        parse_policies("fbcache+fbcache")
