@@ -31,9 +31,10 @@ def flux_cfg():
 def record(pipe, kw, attr, **opts):
     tr = pipe.transformer
     ins, outs = [], []
+    last = tr.single_transformer_blocks[-1] if hasattr(tr, "single_transformer_blocks") else tr.transformer_blocks[-1]
     h1 = tr.transformer_blocks[0].register_forward_pre_hook(
-        lambda m, a, k: ins.append(k["hidden_states"].clone()), with_kwargs=True)
-    h2 = tr.single_transformer_blocks[-1].register_forward_hook(lambda m, a, o: outs.append(o[1].clone()))
+        lambda m, a, k: ins.append((k["hidden_states"] if "hidden_states" in k else a[0]).clone()), with_kwargs=True)
+    h2 = last.register_forward_hook(lambda m, a, o: outs.append((o[1] if isinstance(o, tuple) else o).clone()))
     try:
         with dcache.accelerated(pipe, "easycache", **opts):
             out = getattr(pipe(generator=gen(), **kw), attr)
@@ -95,6 +96,15 @@ def test_decisions_and_values_by_hand(flux_cfg, share):
     # no state across runs
     out2, stats2, *_ = record(pipe, kw, attr, **opts)
     assert torch.equal(out, out2) and stats == stats2
+
+
+def test_batched_cfg_one_branch_by_hand(tiny_pipes):
+    """PixArt runs CFG as one batched call: one branch, decisions replayed by hand."""
+    pipe, kw, attr, _ = tiny_pipes("pixart")
+    kw = dict(kw, num_inference_steps=STEPS)
+    out, stats, tl, computed, ins, outs = record(pipe, kw, attr, threshold=0.3, warmup_steps=2)
+    assert {e["branch"] for e in tl} == {0} and not all(computed)
+    assert computed == hand_decisions(ins, outs, computed, 0.3, 2, STEPS)
 
 
 def test_disable_is_exact_and_errors(flux_cfg, tiny_pipes):
