@@ -108,8 +108,15 @@ TABLES: dict[str, tuple[str, int, bool, list[float]]] = {
     ]),
 }
 
+# Tables calibrated by dcache itself, stored beside their model: name -> (package, file).
+FILE_TABLES: dict[str, tuple[str, str]] = {
+    # pipelines/zoo/scenes/calibrate_magcache.py, for the shipped scenes weights
+    "dcache-scenes": ("dcache.pipelines.zoo.scenes", "scenes_magcache.json"),
+}
+
 # (family, substrings that must all occur in the checkpoint name) -> table; first match wins.
 MATCH: list[tuple[str, tuple[str, ...], str]] = [
+    ("flux", ("dcache/scenes",), "dcache-scenes"),
     ("flux", ("kontext",), "FLUX.1-Kontext"),
     ("flux", ("flux.1-dev",), "FLUX.1-dev"),
     ("hunyuan_video", ("720",), "HunyuanVideo-720p"),

@@ -36,7 +36,7 @@ import torch
 
 from dcache.registry import register_policy
 from dcache.schedulers._base import PolicyEnv, PolicyState, StepPolicy
-from dcache.schedulers._magcache_tables import MATCH, TABLES
+from dcache.schedulers._magcache_tables import FILE_TABLES, MATCH, TABLES
 from dcache.schedulers._validate import check_bool, check_float, check_int
 
 logger = logging.getLogger("dcache")
@@ -170,13 +170,18 @@ def load_table(value: Any, interleaved: bool) -> RatioTable:
     if isinstance(value, str) and value in TABLES:
         _, _, inter, ratios = TABLES[value]
         return RatioTable.from_flat(ratios, inter, value)
+    if isinstance(value, str) and value in FILE_TABLES:
+        from importlib import resources
+
+        package, name = FILE_TABLES[value]
+        value = str(resources.files(package).joinpath(name))
     if isinstance(value, (str, os.PathLike)):
         try:
             with open(value) as f:
                 data = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(
-                f"magcache: mag_ratios {value!r} is neither a shipped table ({', '.join(TABLES)}) "
+                f"magcache: mag_ratios {value!r} is neither a shipped table ({', '.join([*TABLES, *FILE_TABLES])}) "
                 f"nor a readable ratio file: {e}") from e
         branches = data.get("branches") if isinstance(data, dict) else None
         if not (isinstance(branches, list) and branches and all(_numbers(b) for b in branches)):
@@ -253,6 +258,6 @@ class MagCacheConfig:
             elif not self.calibrate:
                 raise ValueError(
                     f"magcache: no published ratio table for {env.model_id or env.family!r} ({env.family}); "
-                    f"pass mag_ratios= (a list, a table name: {', '.join(TABLES)}, or a file), or run once with "
+                    f"pass mag_ratios= (a list, a table name: {', '.join([*TABLES, *FILE_TABLES])}, or a file), or run once with "
                     "calibrate=True, calibration_file='ratios.json' and pass that file")
         return MagCachePolicy(self, table, env.model_id)

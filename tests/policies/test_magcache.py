@@ -186,3 +186,13 @@ def test_every_block_adapter_skips_as_the_rule_says(family, tiny_pipes):
     assert calls * steps == base_calls * sum(expected)
     assert out.shape == base.shape and torch.isfinite(out).all()
     assert torch.equal(getattr(pipe(generator=gen(), num_inference_steps=steps, **kw), attr), base)
+
+
+def test_embedded_scenes_model_has_its_table():
+    from dcache.pipelines.zoo.scenes import load_scenes_pipeline
+
+    pipe = load_scenes_pipeline()
+    with dcache.accelerated(pipe, "magcache"):
+        table = pipe.dcache.targets[0].policies[0].table
+        assert table.source.endswith("scenes_magcache.json")
+        assert len(table.branches) == 2 and len(table.branches[0]) == 50 and table.branches[0][0] == 1.0
