@@ -8,7 +8,7 @@ import torch
 from dcache.cli import main as cli
 
 BAD_EVAL = [
-    (["--policy", "nope"], "unknown policy 'nope'; accepted: fbcache"),
+    (["--policy", "nope"], "unknown policy 'nope'; accepted: "),
     (["--policy", "taylorseer(interval=4"], "unclosed '('"),
     (["--policy", "static;fbcache"], "not ';'"),
     (["--policy", "taylorseer(intervl=3)"], "unknown option(s) ['intervl'] for policy 'taylorseer'; accepted:"),
