@@ -155,3 +155,20 @@ def test_policy_spec_composes_with_plus():
         parse_policies("fbcache+taylorseer(bogus=1)")
     with pytest.raises(ValueError, match="policy given twice"):
         parse_policies("fbcache+fbcache")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["flux", "sd3", "pixart", "dit", "wan", "cogvideox", "hunyuan_video", "ltx", "qwenimage"])
+def test_composition_on_every_block_adapter(family, tiny_pipes):
+    """An unbounded gate threshold: after the warm-up every step forecasts; gated sites forecast,
+    the timeline says so, nothing is reused, and disable gives the plain pipeline back."""
+    pipe, kw, attr, _ = tiny_pipes(family)
+    base = getattr(pipe(generator=gen(), num_inference_steps=6, **kw), attr)
+    with dcache.accelerated(pipe, ["fbcache", "taylorseer"], fbcache={"threshold": 1e6, "warmup_steps": 2}):
+        out = getattr(pipe(generator=gen(), num_inference_steps=6, **kw), attr)
+        stats = pipe.dcache.stats()
+    gate = [k for e in stats["timeline"] if e["branch"] == 0 for s, k in e["sites"].items() if s.startswith("blocks[")]
+    assert gate == ["computed"] * 2 + ["forecast"] * 4
+    assert stats["reused"] == 0 and stats["forecast"] > 4 and stats["flops_avoided_fraction"] > 0
+    assert out.shape == base.shape and torch.isfinite(out).all()
+    assert torch.equal(getattr(pipe(generator=gen(), num_inference_steps=6, **kw), attr), base)
