@@ -77,7 +77,8 @@ def _parse_one(item: str, spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def parse_policies(spec: str, task: str | None = "image", extra_names: tuple[str, ...] = ()) -> list[tuple[str, dict]]:
-    """``"a,b(k=v,k2=v2)"`` → ``[("a", {}), ("b", {"k": v, "k2": v2})]``.
+    """``"a,b(k=v,k2=v2)"`` → ``[("a", {}), ("b", {"k": v, "k2": v2})]``; ``a+b(k=v)`` is one
+    configuration of composed policies → ``("a+b", {"a": {}, "b": {"k": v}})``.
 
     Names are checked against ``dcache.policies(task)`` (plus ``extra_names``, e.g. a bench's
     ``baseline`` row); options are checked by building each policy's config, so a typo is an

@@ -17,7 +17,8 @@ class StepPolicy(Policy):
     """Decides per step whether the block chain (or whole model) is computed or its residual reused.
 
     ``head_blocks`` run before the decision (FBCache's first block), ``tail_blocks`` always run
-    after the cached span. ``needs_probe`` asks the engine for the adapter's TeaCache probe.
+    after the cached span. ``needs_probe`` asks the engine for the adapter's TeaCache probe;
+    ``needs_input`` for the span's input hidden states instead (EasyCache's input change).
     ``per_sample`` (set by configs that offer it) asks for one decision per batch row: ``decide``
     then receives a signal per row and returns a bool tensor of rows to compute.
     """
@@ -26,6 +27,7 @@ class StepPolicy(Policy):
     head_blocks = 0
     tail_blocks = 0
     needs_probe = False
+    needs_input = False
     per_sample = False
 
     def new_state(self) -> PolicyState:

@@ -16,6 +16,12 @@ added *between* span blocks (Flux ControlNet's ``controlnet_block_samples``). On
 the model adds this step's samples to the passed-through stream itself, so they count once.
 Blocks a call skips (SD3 ``skip_layers``) are simply not seen; a call that skips the first span
 block is computed and does not touch the cache.
+
+Composed with a forecaster (a ``module`` policy installed on the same denoiser, e.g.
+``["fbcache", "taylorseer"]``): the step policy is then only the gate. On a step it skips, the
+span blocks run instead of being replaced by the residual, and ``module_sites`` gives their
+attention/MLP sites the forecaster's values (``_Chain.forecasting``); on a computed step they run
+and feed the forecaster's history. Head and tail blocks always compute.
 """
 
 from __future__ import annotations
@@ -160,6 +166,17 @@ class _Chain:
         self.span_names = [target.names[b] for b in target.blocks[self.first: self.last + 1]]
         self.site = f"{target.prefix}blocks[{self.first}:{self.last + 1}]"
         self._current: ChainState | None = None
+        self._forecasting: bool | None = None
+        # module_sites reads the gate from here (see the module docstring).
+        target.step_chain = self
+
+    @property
+    def forecasting(self) -> bool:
+        """A module policy on the same denoiser forecasts the span on skipped steps (decided on the
+        first call, when every policy is installed)."""
+        if self._forecasting is None:
+            self._forecasting = any(getattr(p, "granularity", None) == "module" for p in self.target.policies)
+        return self._forecasting
 
     def state(self, run: Any, step: Any) -> ChainState:
         # Every block of the chain asks for the same state during one call: keep it at hand
@@ -185,6 +202,8 @@ class _Chain:
         if compute is None:
             if policy.needs_probe:
                 signal = cs.probe if cs.probe is not None else self.target.adapter.teacache_probe(block, args, kwargs)
+            elif getattr(policy, "needs_input", False):
+                signal = hidden
             elif self.first > 0:
                 signal = None if cs.start is None else hidden - cs.start
             else:
@@ -203,6 +222,10 @@ class _Chain:
                 rows = compute.nonzero().flatten().to(hidden.device)
                 compute = False  # the guard below decides whether the other rows can reuse
         cs.start = cs.probe = None
+        if not compute and rows is None and self.forecasting:
+            cs.mode = "forecast"  # the span runs; its sites return the forecaster's values
+            run.count("forecast", self.site)
+            return CALL
         if not compute and not (same_shape(cs.res_h, hidden) and (cs.res_e is None or same_shape(cs.res_e, enc))):
             # Guard: the batch or shape changed since the residual was cached (dynamic CFG drops the
             # uncond half mid-run). Compute and re-seed the policy's history.
@@ -279,6 +302,8 @@ def install(target: Any, policy: Any) -> int:
     blocks = target.blocks
     if not blocks:
         return 0
+    if getattr(policy, "per_sample", False) and any(getattr(p, "granularity", None) == "module" for p in target.policies):
+        raise ValueError("per_sample step gates cannot be composed with a module forecaster; drop per_sample or the module policy")
     chain = _Chain(target, policy)
     for i, block in enumerate(blocks):
         target.hook(block, _BlockSite(chain, i, block, target.adapter.spec(block)))

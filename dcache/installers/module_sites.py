@@ -6,6 +6,11 @@ output only flows into a site, like Flux single blocks' ``attn``, ``proj_mlp`` a
 into ``proj_out``) are skipped with their site: they return an empty placeholder (the recorded
 shape with a last dimension of 0) instead of running.
 
+Under a step gate (a ``step`` policy on the same denoiser's block chain, ``block_chain._Chain``),
+the gate's decision for the step replaces the policy's own schedule: sites of the gated span
+forecast on the steps the gate skips and compute (feeding their history) on the others; sites of
+the gate's head and tail blocks always compute.
+
 Guard: a site forecasts only when its call has the leading input dimensions (batch, tokens) it
 had when its history was last stored; otherwise it computes and its history starts again.
 """
@@ -52,11 +57,21 @@ def _rebuild(structure: Any, leaves: list[torch.Tensor | None]) -> Any:
 
 
 class _Site:
-    def __init__(self, target: Any, policy: Any, name: str, is_site: bool) -> None:
+    def __init__(self, target: Any, policy: Any, name: str, is_site: bool, block_index: int = -1) -> None:
         self.target, self.policy, self.name, self.is_site = target, policy, name, is_site
+        self.block_index = block_index
         self.pid = id(policy)
 
     def _action(self, run: Any, step: Any) -> Action:
+        chain = getattr(self.target, "step_chain", None)
+        if chain is not None:
+            # The step gate decides (see the module docstring); no decision yet (head blocks, or a
+            # call that skipped the gate's block) means compute.
+            if not chain.first <= self.block_index <= chain.last:
+                return Action.COMPUTE
+            gate = step.decisions.get((chain.pid, "decision"))
+            skipped = gate is not None and not isinstance(gate, torch.Tensor) and not gate
+            return Action.FORECAST if skipped else Action.COMPUTE
         act = step.decisions.get(self.pid)
         if act is None:
             state = run.state((self.pid, "state", step.branch), self.policy.new_state)
@@ -106,13 +121,16 @@ class _Site:
 
 def install(target: Any, policy: Any) -> int:
     """Hook every site and feeder of every block; returns the number of sites."""
+    chain = getattr(target, "step_chain", None)
+    if chain is not None and getattr(chain.policy, "per_sample", False):
+        raise ValueError("per_sample step gates cannot be composed with a module forecaster; drop per_sample or the module policy")
     count = 0
-    for block in target.blocks:
+    for index, block in enumerate(target.blocks):
         spec = target.adapter.spec(block)
         for attr, is_site in [(a, True) for a in spec.sites] + [(a, False) for a in spec.feeders]:
             module = getattr(block, attr, None)
             if not isinstance(module, torch.nn.Module):
                 continue
-            target.hook(module, _Site(target, policy, target.names[module], is_site))
+            target.hook(module, _Site(target, policy, target.names[module], is_site, index))
             count += is_site
     return count

@@ -24,6 +24,9 @@ from .pipeline import FluxScenesPipeline
 WEIGHTS_DIR = Path(__file__).parent
 
 
+SHIPPED_NAME = "dcache/scenes"
+
+
 def load_scenes_pipeline(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -49,6 +52,9 @@ def load_scenes_pipeline(
     cfg = ScenesModelConfig(**meta["model"])
     transformer, text_encoder = build_transformer(cfg), build_text_encoder(cfg, SceneTokenizer())
     transformer.load_state_dict({k: v.float() for k, v in load_file(str(root / TRANSFORMER_FILE)).items()})
+    if weights_dir is None:
+        # A checkpoint name, so per-checkpoint tables (MagCache's ratios) recognise the shipped weights.
+        transformer.register_to_config(_name_or_path=SHIPPED_NAME)
     text_encoder.load_state_dict({k: v.float() for k, v in load_file(str(root / TEXT_ENCODER_FILE)).items()})
     # nn.Module.to, not ModelMixin.to: the latter warns about fp32-pinned modules (there are none).
     for module in (transformer, text_encoder):
