@@ -1,0 +1,66 @@
+"""Tiny random-init diffusers video pipelines saved to a directory, text encoder and tokenizer included,
+so ``dcache eval --model DIR --prompt ...`` runs the same path a real local checkpoint does.
+
+The transformer and VAE are tests/tiny.py's; the tokenizer is a real ``tokenizers`` word-level
+model behind transformers' fast-tokenizer class, and the text encoder the real class of each
+pipeline (UMT5 for Wan, T5 for CogVideoX) at d_model 32, the transformers' ``text_dim``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import tiny  # noqa: E402
+
+WORDS = ("a the of in on at red blue green cat dog bird car runs jumps flies drives field sky road "
+         "over under slowly quickly").split()
+
+
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *WORDS])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def _t5(cls_name: str, vocab: int):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg_cls = transformers.UMT5Config if cls_name == "UMT5EncoderModel" else transformers.T5Config
+    cfg = cfg_cls(vocab_size=vocab, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                  relative_attention_num_buckets=8)
+    return getattr(transformers, cls_name)(cfg).eval()
+
+
+def save_wan(path: str) -> str:
+    from diffusers import WanPipeline
+
+    pipe, _, _, _ = tiny.wan()
+    tok = tokenizer()
+    WanPipeline(tokenizer=tok, text_encoder=_t5("UMT5EncoderModel", len(tok)), vae=pipe.vae,
+                scheduler=pipe.scheduler, transformer=pipe.transformer).save_pretrained(path)
+    return str(path)
+
+
+def save_cogvideox(path: str) -> str:
+    from diffusers import CogVideoXPipeline
+
+    pipe, _, _, _ = tiny.cogvideox()
+    tok = tokenizer()
+    CogVideoXPipeline(tokenizer=tok, text_encoder=_t5("T5EncoderModel", len(tok)), vae=pipe.vae,
+                      transformer=pipe.transformer, scheduler=pipe.scheduler).save_pretrained(path)
+    return str(path)
+
+
+def save_wan_without_text_encoder(path: str) -> str:
+    pipe, _, _, _ = tiny.wan()
+    pipe.save_pretrained(path)
+    return str(path)
