@@ -357,11 +357,13 @@ def _jobs(cfg: EvalConfig, model: Any, metric_fns: dict) -> tuple[list[Job], lis
     notes: list[str] = []
     if cfg.peers:
         from dcache.eval.peers import available_peers
+        from dcache.eval.video_peers import video_peers
 
         def calibrate(pipe: Any, steps: int) -> None:
             model.draw(cfg.seed_list[0], metric_fns["conditions"][0], steps, cfg.guidance)
 
-        peers, notes = available_peers(calibrate, model.separate_cfg)
+        find = video_peers if model.info.get("kind") == "video" else available_peers
+        peers, notes = find(calibrate, model.separate_cfg)
         for p in peers:
             def setup(p=p):
                 before, teardown = p.setup(model.pipe, cfg.steps)

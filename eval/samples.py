@@ -187,9 +187,10 @@ class SampleStore:
         elif image.ndim == 4:
             os.makedirs(os.path.join(self.root, os.path.dirname(rel)), exist_ok=True)
             mp4 = rel[: -len(".png")] + ".mp4"
-            save_mp4(image, os.path.join(self.root, mp4), fps=int(fields.pop("fps", 8)))
+            fps = int(fields.pop("fps", 8))
+            save_mp4(image, os.path.join(self.root, mp4), fps=fps)
             save_png(video_strip(image), os.path.join(self.root, rel))
-            fields.update(frames=int(image.shape[1]), video=mp4)
+            fields.update(frames=int(image.shape[1]), video=mp4, fps=fps)
         else:
             os.makedirs(os.path.join(self.root, os.path.dirname(rel)), exist_ok=True)
             save_png(image, os.path.join(self.root, rel))

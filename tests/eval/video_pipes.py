@@ -8,13 +8,9 @@ pipeline (UMT5 for Wan, T5 for CogVideoX) at d_model 32, the transformers' ``tex
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import tiny  # noqa: E402
+import tiny  # tests/ is on sys.path (tests/conftest.py)
 
 WORDS = ("a the of in on at red blue green cat dog bird car runs jumps flies drives field sky road "
          "over under slowly quickly").split()
