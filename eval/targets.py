@@ -113,8 +113,14 @@ def _diffusers(model: str, device: str, num_frames: int | None = None, height: i
                width: int | None = None) -> EvalModel:
     from diffusers import DiffusionPipeline
 
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
     from dcache.eval import video_pipelines as vp
 
+    # eval draws its own progress bar; the loaders' bars would bury its one-line errors on stderr.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     try:
         pipe = DiffusionPipeline.from_pretrained(os.path.expanduser(model)).to(device)
     except Exception as e:  # noqa: BLE001 - report any loading failure the same way

@@ -148,3 +148,13 @@ def test_per_frame_fidelity_and_costs_from_the_files(resumed_run):
     static = rows[0]
     assert static["computed_fraction"] < 1.0 and static["psnr"] != "inf"
     assert (out / "grid.png").exists() and (out / "pareto.png").exists()
+
+
+def test_frame_count_the_vae_cannot_decode_is_refused_before_sampling(wan_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert cli(["eval", "--model", wan_dir, "--prompt", "a cat", "--num-frames", "6", "--steps", "2",
+                "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == ("dcache eval: error: --num-frames 6: WanPipeline decodes k*4+1 frames "
+                       "(its VAE compresses time by 4); use 5 or 9")
+    assert not (out / "samples").exists()

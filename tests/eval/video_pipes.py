@@ -47,12 +47,16 @@ def save_wan(path: str) -> str:
 
 
 def save_cogvideox(path: str) -> str:
-    from diffusers import CogVideoXPipeline
+    from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
 
     pipe, _, _, _ = tiny.cogvideox()
+    # tiny.cogvideox() takes embeddings of 16 tokens; encoding a prompt pads it to the pipeline's
+    # default max_sequence_length, 226, which the transformer's positional table must cover.
+    torch.manual_seed(0)
+    tr = CogVideoXTransformer3DModel(**{**pipe.transformer.config, "max_text_seq_length": 226}).eval()
     tok = tokenizer()
     CogVideoXPipeline(tokenizer=tok, text_encoder=_t5("T5EncoderModel", len(tok)), vae=pipe.vae,
-                      transformer=pipe.transformer, scheduler=pipe.scheduler).save_pretrained(path)
+                      transformer=tr, scheduler=pipe.scheduler).save_pretrained(path)
     return str(path)
 
 
