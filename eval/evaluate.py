@@ -35,7 +35,8 @@ kept. Output: OUT/results.json, results.csv, results.md, pareto.png, grid.png, s
 DEFAULT_POLICY = {"image": "taylorseer", "ar-video": "kv-rolling,forcing-kv",
                   "dllm": "dkv(variant=decode,refresh_interval=8),dual-cache(threshold=0.9)"}
 TASKS = ("image", "ar-video", "dllm")
-PARETO_METRICS = ("psnr", "ssim", "lpips", "task", "token_agreement", "fid", "kid", "clip_score")
+PARETO_METRICS = ("psnr", "ssim", "lpips", "task", "attributes", "token_agreement", "fid", "kid", "clip_score",
+                  "image_reward")
 
 
 @dataclass
@@ -68,6 +69,7 @@ class EvalConfig:
     inception_weights: str | None = None
     fid_extractor: str | None = None
     clip_model: str | None = None
+    image_reward: str | None = None  # an ImageReward model name or checkpoint (dcache.eval.image_reward)
     vbench: str | None = None  # comma list of VBench dimensions
     vbench_python: str | None = None
     pareto_metric: str = "psnr"
@@ -95,7 +97,8 @@ class EvalConfig:
         if self.task == "dllm":
             for flag, value in (("--steps", self.steps), ("--guidance", self.guidance), ("--weights-dir", self.weights_dir),
                                 ("--classes", self.classes), ("--prompts", self.prompts), ("--clip-model", self.clip_model),
-                                ("--vbench", self.vbench), ("--num-frames", self.num_frames)):
+                                ("--vbench", self.vbench), ("--num-frames", self.num_frames),
+                                ("--image-reward", self.image_reward)):
                 if value is not None:
                     raise UsageError(f"{flag} does not apply to --task dllm (one token per step on the model's own task)")
             for flag, on in (("--peers", self.peers), ("--fid", self.fid)):
@@ -191,6 +194,8 @@ class EvalConfig:
             raise UsageError(f"--pareto-metric {self.pareto_metric} needs --fid")
         if self.pareto_metric == "clip_score" and not self.clip_model:
             raise UsageError("--pareto-metric clip_score needs --clip-model")
+        if self.pareto_metric == "image_reward" and not self.image_reward:
+            raise UsageError("--pareto-metric image_reward needs --image-reward")
 
     def _check_pipeline(self) -> None:
         """A diffusers ``--model``: a pipeline with a denoiser; video options only for video pipelines;
@@ -303,6 +308,8 @@ def build_parser() -> ArgParser:
     ap.add_argument("--fid-extractor", default=None, metavar="FILE",
                     help="a TorchScript feature extractor for FID/KID instead of Inception")
     ap.add_argument("--clip-model", default=None, help="CLIP score with this hub id or local directory")
+    ap.add_argument("--image-reward", nargs="?", const="ImageReward-v1.0", default=None, metavar="MODEL",
+                    help="ImageReward of each row (needs the image-reward package; MODEL: ImageReward-v1.0 or a .pt)")
     ap.add_argument("--vbench", default=None, metavar="DIMS",
                     help="videos (ar-video, diffusers video pipelines): VBench dimensions, e.g. subject_consistency,motion_smoothness")
     ap.add_argument("--vbench-python", default=None, metavar="PATH",
@@ -416,6 +423,10 @@ def run(cfg: EvalConfig) -> int:
     scorers = distribution.prepare(fid=cfg.fid, inception_weights=cfg.inception_weights,
                                    fid_extractor=cfg.fid_extractor, clip_model=cfg.clip_model,
                                    num_samples=len(cfg.seed_list))
+    if cfg.image_reward:
+        from dcache.eval import image_reward
+
+        scorers.image_reward = image_reward.load(cfg.image_reward, cfg.device)
     if cfg.task == "ar-video":
         model = load_video_model(cfg.model, cfg.device, cfg.num_frames)
     elif cfg.task == "dllm":

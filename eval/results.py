@@ -108,6 +108,11 @@ def score(cfg: EvalConfig, store: Any, jobs: list[Job], conditions: list[Any], m
                 row["clip_score"] = scorers.clip_score(imgs.transpose(1, 2).flatten(0, 1), caps)
             else:
                 row["clip_score"] = scorers.clip_score(imgs, caps)
+        if scorers.image_reward is not None:
+            from dcache.eval import image_reward
+
+            row["image_reward"] = image_reward.score(scorers.image_reward, imgs,
+                                                     [model.text(conditions[i]) for i in sorted(recs)])
         rows.append(row)
     if len(idx_all) < len(cfg.seed_list):
         notes.append(f"baseline has {len(idx_all)} of {len(cfg.seed_list)} samples (run again to finish)")
@@ -116,7 +121,7 @@ def score(cfg: EvalConfig, store: Any, jobs: list[Job], conditions: list[Any], m
 
 CSV_COLUMNS = ["id", "source", "policy", "label", "options", "samples", "wall_s", "speedup", "speedup_median",
                "timed_pairs", "timing_note", "flops", "computed_fraction", "peak_mem_bytes", "psnr", "ssim", "lpips",
-               "token_agreement", "task", "task_metric", "attributes", "fid", "kid", "kid_std", "clip_score"]
+               "token_agreement", "task", "task_metric", "attributes", "fid", "kid", "kid_std", "clip_score", "image_reward"]
 
 
 def _clean(v: Any) -> Any:
@@ -221,7 +226,7 @@ def _write_grid(cfg: EvalConfig, store: Any, jobs: list[Job], model: Any, done: 
 TABLE = [("source", "source"), ("label", "policy"), ("wall_s", "s/sample"), ("speedup", "speedup"),
          ("computed_fraction", "computed"), ("psnr", "psnr"), ("ssim", "ssim"), ("lpips", "lpips"),
          ("token_agreement", "same_tokens"), ("task", "task"), ("attributes", "attributes"),
-         ("fid", "fid"), ("kid", "kid"), ("clip_score", "clip")]
+         ("fid", "fid"), ("kid", "kid"), ("clip_score", "clip"), ("image_reward", "image_reward")]
 
 
 

@@ -62,6 +62,11 @@ BAD_EVAL = [
     (["--model", "{flux}", "--prompt", "a cat", "--vbench", "subject_consistency"], "--vbench scores videos"),
     (["--task", "dllm", "--height", "16"], "--height does not apply to --task dllm"),
 ]
+try:  # image-reward 1.5 does not import with transformers 5 (dcache/eval/image_reward.py)
+    import ImageReward  # noqa: F401
+except Exception:  # noqa: BLE001
+    BAD_EVAL.append((["--image-reward"], "--image-reward takes ImageReward-v1.0 (the default) or a path to an "
+                     "ImageReward .pt checkpoint, and needs the image-reward package importable:"))
 if not torch.cuda.is_available():
     BAD_EVAL.append((["--device", "cuda"], "--device 'cuda' is unavailable: torch sees no CUDA GPU here"))
 
