@@ -17,6 +17,7 @@ from PIL import Image
 
 from dcache.cli import main as cli
 
+from .test_vbench import STAND_IN
 from .video_pipes import save_wan
 
 FRAMES, SIZE = 5, 16
@@ -49,10 +50,22 @@ def wan_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def resumed_run(wan_dir, tmp_path_factory):
+def vbench_env(tmp_path_factory):
+    """A stand-in VBench environment (tests/eval/test_vbench.py): temporal_flickering by VBench's formula."""
+    root = tmp_path_factory.mktemp("vbench-env")
+    (root / "vbench").mkdir()
+    (root / "vbench" / "__init__.py").write_text(STAND_IN)
+    exe = root / "python"
+    exe.write_text(f"#!/bin/sh\nPYTHONPATH={root} exec {sys.executable} \"$@\"\n")
+    exe.chmod(0o755)
+    return ["--vbench", "temporal_flickering", "--vbench-python", str(exe)]
+
+
+@pytest.fixture(scope="module")
+def resumed_run(wan_dir, vbench_env, tmp_path_factory):
     out = tmp_path_factory.mktemp("evalvideo") / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    p = subprocess.Popen([sys.executable, "-m", "dcache.cli", *_args(wan_dir, out)], env=env,
+    p = subprocess.Popen([sys.executable, "-m", "dcache.cli", *_args(wan_dir, out, vbench_env)], env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     t0 = time.time()
     while len(_samples(out)) < 2:
@@ -67,7 +80,7 @@ def resumed_run(wan_dir, tmp_path_factory):
     first = _samples(out)
     assert 2 <= len(first) < 12, len(first)
     stamps = {r["file"]: os.stat(out / r["file"]).st_mtime_ns for r in first}
-    assert cli(_args(wan_dir, out)) == 0
+    assert cli(_args(wan_dir, out, vbench_env)) == 0
     return out, first, stamps, json.loads((out / "results.json").read_text())
 
 
@@ -158,3 +171,26 @@ def test_frame_count_the_vae_cannot_decode_is_refused_before_sampling(wan_dir, t
     assert len(err) == 1 and err[0] == ("dcache eval: error: --num-frames 6: WanPipeline decodes k*4+1 frames "
                        "(its VAE compresses time by 4); use 5 or 9")
     assert not (out / "samples").exists()
+
+
+def test_vbench_layout_and_scores_for_pipeline_videos(resumed_run):
+    import cv2
+
+    out, _, _, res = resumed_run
+    by = {(r["config"], r["index"]): r for r in _samples(out)}
+    for row in res["rows"]:
+        folder = out / "vbench" / "videos" / row["id"]
+        # VBench's custom-input naming: <prompt>-<i>.mp4, i counting the videos of one prompt.
+        names = sorted(os.listdir(folder))
+        assert names == sorted(f"{p}-{k}.mp4" for p in PROMPTS for k in range(2))
+        flicker = []
+        for i in range(4):
+            cap = cv2.VideoCapture(str(out / by[(row["id"], i)]["video"]))
+            frames = []
+            while True:
+                ok, fr = cap.read()
+                if not ok:
+                    break
+                frames.append(fr.astype(np.float64))
+            flicker.append((255 - np.mean([np.abs(a - b).mean() for a, b in zip(frames[:-1], frames[1:])])) / 255)
+        assert row["vbench_temporal_flickering"] == pytest.approx(float(np.mean(flicker)))
