@@ -83,7 +83,11 @@ def score(cfg: EvalConfig, store: Any, jobs: list[Job], conditions: list[Any], m
             a = torch.stack([store.image(recs[i]) for i in idx])
             b = torch.stack([base_imgs[i] for i in idx])
             if a.ndim == 5:  # video (N, C, F, H, W): every frame is scored, then averaged
-                row["psnr_per_frame"] = [metrics.psnr_capped(a[:, :, f], b[:, :, f]) for f in range(a.shape[2])]
+                nf = a.shape[2]
+                row["psnr_per_frame"] = [metrics.psnr_capped(a[:, :, f], b[:, :, f]) for f in range(nf)]
+                row["ssim_per_frame"] = [metrics.ssim(a[:, :, f], b[:, :, f]) for f in range(nf)]
+                if lp_ok:
+                    row["lpips_per_frame"] = [metrics.lpips_distance(a[:, :, f], b[:, :, f]) for f in range(nf)]
                 a, b = a.transpose(1, 2).flatten(0, 1), b.transpose(1, 2).flatten(0, 1)
             row["psnr"] = metrics.psnr_capped(a, b)
             row["ssim"] = metrics.ssim(a, b)
