@@ -277,7 +277,8 @@ def build_parser() -> ArgParser:
 
     ap = ArgParser(prog="dcache eval", description="Baseline and accelerated samples on identical seeds, scored with real metrics.", epilog=EXAMPLES)
     ap.add_argument("--model", default=None,
-                    help=f"digits | scenes (embedded), a diffusers pipeline directory or hub id (default: {DEFAULT_IMAGE_MODEL})")
+                    help=f"digits | scenes (embedded), or a diffusers image or video pipeline: a directory or a cached "
+                         f"hub id (default: {DEFAULT_IMAGE_MODEL})")
     ap.add_argument("--weights-dir", default=None, help="embedded model: a training --out folder instead of the shipped weights")
     ap.add_argument("--task", default="image", help="image, ar-video or dllm")
     ap.add_argument("--policy", "--policies", default=None, help="policy list, the shared syntax: name,name(key=value,...) "
