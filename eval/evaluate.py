@@ -27,8 +27,7 @@ EXAMPLES = """examples:
   dcache eval --peers --policy fbcache --out runs/peers       # + diffusers hooks and cache-dit rows
   dcache eval --fid --inception-weights weights-inception-2015-12-05-6726825d.pth --out runs/fid
   dcache eval --model ./my-pipeline --prompts prompts.txt --clip-model openai/clip-vit-base-patch32 --out runs/m
-  dcache eval --model ./wan2.1-t2v --prompt "a cat runs" --num-frames 33 --height 480 --width 832 \
-      --steps 30 --policies teacache,fbcache --peers --out runs/wan     # a diffusers video pipeline
+  dcache eval --model ./wan2.1-t2v --prompt "a cat runs" --num-frames 33 --steps 30 --peers --out runs/wan
   dcache policies --task image                                # the policy names and what they do
 
 Kill it at any time (Ctrl-C): the same command with the same --out resumes; finished samples are

@@ -7,7 +7,8 @@ fairscale==0.4.13, plus openai-clip, ftfy, wcwidth), but ``import ImageReward`` 
 'transformers.modeling_utils'`` (removed in transformers 5). It also downloads its checkpoint
 (``THUDM/ImageReward``) and BERT tokenizer on first use. So it is resolved here, before any
 sample, and refused with one line when it cannot run; where it imports, each sample is scored
-with ``model.score(prompt, image)`` (videos: the mean over frames).
+with ``model.score(prompt, image)`` (videos: the mean over frames). That scoring path follows
+the package's README API and has not run in this project (the package cannot import here).
 """
 
 from __future__ import annotations
