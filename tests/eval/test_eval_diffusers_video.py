@@ -18,7 +18,7 @@ from PIL import Image
 from dcache.cli import main as cli
 
 from .test_vbench import STAND_IN
-from .video_pipes import save_wan
+from .video_pipes import save_cogvideox, save_wan
 
 FRAMES, SIZE = 5, 16
 PROMPTS = ["a red cat runs in the field", "a blue car drives on the road"]
@@ -200,3 +200,23 @@ def test_vbench_layout_and_scores_for_pipeline_videos(wan_dir, vbench_env, tmp_p
                 frames.append(fr.astype(np.float64))
             flicker.append((255 - np.mean([np.abs(a - b).mean() for a, b in zip(frames[:-1], frames[1:])])) / 255)
         assert row["vbench_temporal_flickering"] == pytest.approx(float(np.mean(flicker)))
+
+
+@pytest.mark.slow  # a second pipeline family end to end (~30 s on the busy 2-core machine)
+def test_cogvideox_pipeline_end_to_end(tmp_path):
+    import cv2
+
+    model = save_cogvideox(str(tmp_path / "cog"))
+    out = tmp_path / "o"
+    assert cli(["eval", "--model", model, "--prompt", "a dog jumps", "--policies", "static", "--num-samples", "2",
+                "--steps", "6", "--num-frames", "9", "--height", "16", "--width", "16", "--threads", "1",
+                "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    base, static = res["rows"]
+    assert len(static["psnr_per_frame"]) == 9 and static["computed_fraction"] < 1.0
+    for r in _samples(out):
+        cap = cv2.VideoCapture(str(out / r["video"]))
+        n = 0
+        while cap.read()[0]:
+            n += 1
+        assert n == r["frames"] == 9 and r["fps"] == 8
