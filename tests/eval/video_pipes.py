@@ -64,3 +64,13 @@ def save_wan_without_text_encoder(path: str) -> str:
     pipe, _, _, _ = tiny.wan()
     pipe.save_pretrained(path)
     return str(path)
+
+
+def save_ltx(path: str) -> str:
+    from diffusers import LTXPipeline
+
+    pipe, _, _, _ = tiny.ltx()
+    tok = tokenizer()
+    LTXPipeline(scheduler=pipe.scheduler, vae=pipe.vae, text_encoder=_t5("T5EncoderModel", len(tok)), tokenizer=tok,
+                transformer=pipe.transformer).save_pretrained(path)
+    return str(path)
