@@ -18,7 +18,7 @@ from PIL import Image
 from dcache.cli import main as cli
 
 from .test_vbench import STAND_IN
-from .video_pipes import save_cogvideox, save_wan
+from .video_pipes import save_cogvideox, save_ltx, save_wan
 
 FRAMES, SIZE = 5, 16
 PROMPTS = ["a red cat runs in the field", "a blue car drives on the road"]
@@ -202,14 +202,15 @@ def test_vbench_layout_and_scores_for_pipeline_videos(wan_dir, vbench_env, tmp_p
         assert row["vbench_temporal_flickering"] == pytest.approx(float(np.mean(flicker)))
 
 
-@pytest.mark.slow  # a second pipeline family end to end (~30 s on the busy 2-core machine)
-def test_cogvideox_pipeline_end_to_end(tmp_path):
+@pytest.mark.slow  # more pipeline families end to end (~30 s each on the busy 2-core machine)
+@pytest.mark.parametrize("save, size, fps", [(save_cogvideox, 16, 8), (save_ltx, 32, 24)], ids=["cogvideox", "ltx"])
+def test_other_video_pipelines_end_to_end(tmp_path, save, size, fps):
     import cv2
 
-    model = save_cogvideox(str(tmp_path / "cog"))
+    model = save(str(tmp_path / "pipe"))
     out = tmp_path / "o"
     assert cli(["eval", "--model", model, "--prompt", "a dog jumps", "--policies", "static", "--num-samples", "2",
-                "--steps", "6", "--num-frames", "9", "--height", "16", "--width", "16", "--threads", "1",
+                "--steps", "6", "--num-frames", "9", "--height", str(size), "--width", str(size), "--threads", "1",
                 "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     base, static = res["rows"]
@@ -219,4 +220,4 @@ def test_cogvideox_pipeline_end_to_end(tmp_path):
         n = 0
         while cap.read()[0]:
             n += 1
-        assert n == r["frames"] == 9 and r["fps"] == 8
+        assert n == r["frames"] == 9 and r["fps"] == fps
