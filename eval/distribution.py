@@ -127,6 +127,7 @@ class Scorers:
     fid: Any = None  # a feature module, or "inception"
     inception_weights: str | None = None
     clip: tuple[Any, Any] | None = None
+    image_reward: Any = None  # an ImageReward model (dcache.eval.image_reward)
     notes: list[str] = field(default_factory=list)
 
     def fid_kid(self, real: torch.Tensor, fake: torch.Tensor) -> dict[str, float]:

@@ -27,6 +27,7 @@ EXAMPLES = """examples:
   dcache eval --peers --policy fbcache --out runs/peers       # + diffusers hooks and cache-dit rows
   dcache eval --fid --inception-weights weights-inception-2015-12-05-6726825d.pth --out runs/fid
   dcache eval --model ./my-pipeline --prompts prompts.txt --clip-model openai/clip-vit-base-patch32 --out runs/m
+  dcache eval --model ./wan2.1-t2v --prompt "a cat runs" --num-frames 33 --steps 30 --peers --out runs/wan
   dcache policies --task image                                # the policy names and what they do
 
 Kill it at any time (Ctrl-C): the same command with the same --out resumes; finished samples are
@@ -35,7 +36,8 @@ kept. Output: OUT/results.json, results.csv, results.md, pareto.png, grid.png, s
 DEFAULT_POLICY = {"image": "taylorseer", "ar-video": "kv-rolling,forcing-kv",
                   "dllm": "dkv(variant=decode,refresh_interval=8),dual-cache(threshold=0.9)"}
 TASKS = ("image", "ar-video", "dllm")
-PARETO_METRICS = ("psnr", "ssim", "lpips", "task", "token_agreement", "fid", "kid", "clip_score")
+PARETO_METRICS = ("psnr", "ssim", "lpips", "task", "attributes", "token_agreement", "fid", "kid", "clip_score",
+                  "image_reward")
 
 
 @dataclass
@@ -51,13 +53,16 @@ class EvalConfig:
     sweep: list[str] = field(default_factory=list)
     peers: bool = False
     steps: int | None = None  # default 50 (images); the AR-video sampler has its own fixed steps
-    num_frames: int = 24
+    num_frames: int | None = None  # ar-video: 24; a diffusers video pipeline: its own default
+    height: int | None = None  # diffusers pipelines: default the pipeline's own
+    width: int | None = None
     gen_length: int = 64
     block_length: int = 32
     guidance: float | None = None
     num_samples: int = 8
     seeds: str | None = None
     prompts: str | None = None
+    prompt: list[str] = field(default_factory=list)  # --prompt TEXT, repeatable
     classes: str | None = None
     device: str = "cpu"
     threads: int | None = None
@@ -65,12 +70,14 @@ class EvalConfig:
     inception_weights: str | None = None
     fid_extractor: str | None = None
     clip_model: str | None = None
+    image_reward: str | None = None  # an ImageReward model name or checkpoint (dcache.eval.image_reward)
     vbench: str | None = None  # comma list of VBench dimensions
     vbench_python: str | None = None
     pareto_metric: str = "psnr"
     # derived by validate()
     vbench_dims: list[str] = field(default_factory=list, init=False)
     policies: list[tuple[str, dict]] = field(default_factory=list, init=False)
+    pipeline: Any = field(default=None, init=False)  # video_pipelines.PipelineInfo of a diffusers --model
     seed_list: list[int] = field(default_factory=list, init=False)
     conditions: list[Any] | None = field(default=None, init=False)
 
@@ -84,10 +91,15 @@ class EvalConfig:
         if self.task not in TASKS:
             raise UsageError(f"--task {self.task!r}; accepted: {', '.join(TASKS)}")
         video = self.task == "ar-video"
+        if self.task != "image":
+            for flag, value in (("--height", self.height), ("--width", self.width), ("--prompt", self.prompt or None)):
+                if value is not None:
+                    raise UsageError(f"{flag} does not apply to --task {self.task} (the model's own size and prompts)")
         if self.task == "dllm":
             for flag, value in (("--steps", self.steps), ("--guidance", self.guidance), ("--weights-dir", self.weights_dir),
                                 ("--classes", self.classes), ("--prompts", self.prompts), ("--clip-model", self.clip_model),
-                                ("--vbench", self.vbench)):
+                                ("--vbench", self.vbench), ("--num-frames", self.num_frames),
+                                ("--image-reward", self.image_reward)):
                 if value is not None:
                     raise UsageError(f"{flag} does not apply to --task dllm (one token per step on the model's own task)")
             for flag, on in (("--peers", self.peers), ("--fid", self.fid)):
@@ -108,18 +120,11 @@ class EvalConfig:
             for flag, on in (("--peers", self.peers), ("--fid", self.fid)):
                 if on:
                     raise UsageError(f"{flag} is not available for --task ar-video yet (fidelity is per frame)")
+            if self.num_frames is None:
+                self.num_frames = 24
             check_number("--num-frames", self.num_frames, 1, integer=True)
         elif self.steps is None:
             self.steps = 50
-        if self.vbench_python and not self.vbench:
-            raise UsageError("--vbench-python needs --vbench DIMENSIONS (e.g. --vbench subject_consistency,motion_smoothness)")
-        if self.vbench:
-            from dcache.eval import vbench
-
-            if not video:
-                raise UsageError("--vbench scores videos: use it with --task ar-video")
-            self.vbench_dims = vbench.check_dimensions(self.vbench)
-            self.vbench_python = vbench.check_python(self.vbench_python)
         if self.policy is None:
             self.policy = DEFAULT_POLICY[self.task]
         check_out_dir(self.out)
@@ -130,6 +135,17 @@ class EvalConfig:
         check_device(self.device)
         if self.task != "dllm":
             check_model(self.model, BUILTIN_VIDEO_MODELS if video else BUILTIN_IMAGE_MODELS)
+        if self.task == "image":
+            self._check_pipeline()
+        if self.vbench_python and not self.vbench:
+            raise UsageError("--vbench-python needs --vbench DIMENSIONS (e.g. --vbench subject_consistency,motion_smoothness)")
+        if self.vbench:
+            from dcache.eval import vbench
+
+            if not (video or (self.pipeline and self.pipeline.video)):
+                raise UsageError("--vbench scores videos: use it with --task ar-video or a diffusers video pipeline --model")
+            self.vbench_dims = vbench.check_dimensions(self.vbench)
+            self.vbench_python = vbench.check_python(self.vbench_python)
         check_existing_dir(self.weights_dir, "--weights-dir")
         if self.weights_dir and self.model not in (None, "digits", "scenes"):
             raise UsageError("--weights-dir applies to the built-in models (digits, scenes), not --model " + repr(self.model))
@@ -154,8 +170,14 @@ class EvalConfig:
         self.seed_list = _seeds(self.seeds, self.num_samples)
         if self.prompts and self.classes:
             raise UsageError("give --prompts or --classes, not both")
+        if self.prompt and (self.prompts or self.classes):
+            raise UsageError("give --prompt TEXT or --prompts FILE / --classes, not both")
         if self.prompts:
             self.conditions = _read_prompts(self.prompts)
+        elif self.prompt:
+            if any(not p.strip() for p in self.prompt):
+                raise UsageError("--prompt must not be empty")
+            self.conditions = [p.strip() for p in self.prompt]
         elif self.classes:
             try:
                 self.conditions = [int(c) for c in self.classes.split(",") if c.strip()]
@@ -173,6 +195,35 @@ class EvalConfig:
             raise UsageError(f"--pareto-metric {self.pareto_metric} needs --fid")
         if self.pareto_metric == "clip_score" and not self.clip_model:
             raise UsageError("--pareto-metric clip_score needs --clip-model")
+        if self.pareto_metric == "image_reward" and not self.image_reward:
+            raise UsageError("--pareto-metric image_reward needs --image-reward")
+
+    def _check_pipeline(self) -> None:
+        """A diffusers ``--model``: a pipeline with a denoiser; video options only for video pipelines;
+        prompts (and a text encoder to read them) for prompt-conditioned ones. Reads only model_index.json."""
+        from dcache.eval.targets import BUILTIN_IMAGE_MODELS
+        from dcache.eval.video_pipelines import inspect_model
+
+        for flag, v in (("--num-frames", self.num_frames), ("--height", self.height), ("--width", self.width)):
+            check_number(flag, v, 1, integer=True)
+        if self.model in (None, *BUILTIN_IMAGE_MODELS):
+            for flag, v in (("--num-frames", self.num_frames), ("--height", self.height), ("--width", self.width)):
+                if v is not None:
+                    raise UsageError(f"{flag} applies to a diffusers pipeline --model, not the embedded "
+                                     f"{self.model or 'default'} model (use --task ar-video for the AR video model)")
+            return
+        info = self.pipeline = inspect_model(self.model)
+        if info is None:  # a hub id not cached yet: the loader checks the same things
+            return
+        if self.num_frames is not None and not info.video:
+            raise UsageError(f"--num-frames applies to video pipelines; --model {self.model!r} is a {info.class_name} (images)")
+        if info.takes_prompt:
+            if not info.has_text_encoder:
+                raise UsageError(f"--model {self.model!r} ({info.class_name}) has no text_encoder/tokenizer, so prompts "
+                                 "cannot be encoded; save the pipeline with them")
+            if not (self.prompt or self.prompts):
+                raise UsageError(f"--model {self.model!r} ({info.class_name}) takes prompts: pass --prompt TEXT "
+                                 "(repeatable) or --prompts FILE")
 
 
 def _seeds(spec: str | None, n: int) -> list[int]:
@@ -225,10 +276,11 @@ def build_parser() -> ArgParser:
 
     ap = ArgParser(prog="dcache eval", description="Baseline and accelerated samples on identical seeds, scored with real metrics.", epilog=EXAMPLES)
     ap.add_argument("--model", default=None,
-                    help=f"digits | scenes (embedded), a diffusers pipeline directory or hub id (default: {DEFAULT_IMAGE_MODEL})")
+                    help=f"digits | scenes (embedded), or a diffusers image or video pipeline: a directory or a cached "
+                         f"hub id (default: {DEFAULT_IMAGE_MODEL})")
     ap.add_argument("--weights-dir", default=None, help="embedded model: a training --out folder instead of the shipped weights")
     ap.add_argument("--task", default="image", help="image, ar-video or dllm")
-    ap.add_argument("--policy", default=None, help="policy list, the shared syntax: name,name(key=value,...) "
+    ap.add_argument("--policy", "--policies", default=None, help="policy list, the shared syntax: name,name(key=value,...) "
                     "(default: taylorseer for images, kv-rolling,forcing-kv against kv-full for ar-video)")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", dest="options",
                     help="an option of the single --policy (repeatable)")
@@ -236,13 +288,18 @@ def build_parser() -> ArgParser:
                     help="run every value (repeatable; several on one policy form a grid)")
     ap.add_argument("--peers", action="store_true", help="also evaluate diffusers' cache hooks and cache-dit")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: 50; images only)")
-    ap.add_argument("--num-frames", type=int, default=24, help="ar-video: frames per video")
+    ap.add_argument("--num-frames", type=int, default=None,
+                    help="frames per video (ar-video: default 24; a diffusers video pipeline: its own default)")
+    ap.add_argument("--height", type=int, default=None, help="diffusers pipelines: image/video height (default: the pipeline's)")
+    ap.add_argument("--width", type=int, default=None, help="diffusers pipelines: image/video width (default: the pipeline's)")
     ap.add_argument("--gen-length", type=int, default=64, help="dllm: tokens generated per problem")
     ap.add_argument("--block-length", type=int, default=32, help="dllm: semi-autoregressive block size")
     ap.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     ap.add_argument("--num-samples", type=int, default=8, help="samples per configuration (seeds 0..N-1)")
     ap.add_argument("--seeds", default=None, help="explicit seeds, e.g. 0-9 or 3,7,11 (overrides --num-samples)")
     ap.add_argument("--prompts", default=None, help="text file, one prompt a line (or a .json list); cycled over samples")
+    ap.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                    help="a prompt (repeatable; cycled over samples), instead of --prompts FILE")
     ap.add_argument("--classes", default=None, help="class labels for class-conditional models, e.g. 0,1,2; cycled")
     ap.add_argument("--out", default="dcache-eval", help="output directory (rerun with the same one to resume)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps")
@@ -253,8 +310,10 @@ def build_parser() -> ArgParser:
     ap.add_argument("--fid-extractor", default=None, metavar="FILE",
                     help="a TorchScript feature extractor for FID/KID instead of Inception")
     ap.add_argument("--clip-model", default=None, help="CLIP score with this hub id or local directory")
+    ap.add_argument("--image-reward", nargs="?", const="ImageReward-v1.0", default=None, metavar="MODEL",
+                    help="ImageReward of each row (needs the image-reward package; MODEL: ImageReward-v1.0 or a .pt)")
     ap.add_argument("--vbench", default=None, metavar="DIMS",
-                    help="ar-video: VBench dimensions to score, e.g. subject_consistency,motion_smoothness")
+                    help="videos (ar-video, diffusers video pipelines): VBench dimensions, e.g. subject_consistency,motion_smoothness")
     ap.add_argument("--vbench-python", default=None, metavar="PATH",
                     help="the python of a separate environment with VBench installed (it pins old transformers/numpy)")
     ap.add_argument("--pareto-metric", default="psnr", help=f"quality axis of pareto.png: {', '.join(PARETO_METRICS)}")
@@ -307,11 +366,13 @@ def _jobs(cfg: EvalConfig, model: Any, metric_fns: dict) -> tuple[list[Job], lis
     notes: list[str] = []
     if cfg.peers:
         from dcache.eval.peers import available_peers
+        from dcache.eval.video_peers import video_peers
 
         def calibrate(pipe: Any, steps: int) -> None:
             model.draw(cfg.seed_list[0], metric_fns["conditions"][0], steps, cfg.guidance)
 
-        peers, notes = available_peers(calibrate, model.separate_cfg)
+        find = video_peers if model.info.get("kind") == "video" else available_peers
+        peers, notes = find(calibrate, model.separate_cfg)
         for p in peers:
             def setup(p=p):
                 before, teardown = p.setup(model.pipe, cfg.steps)
@@ -327,7 +388,7 @@ def _run_config(cfg: EvalConfig, jobs: list[Job], conditions: list[Any]) -> dict
 
     model = cfg.model or (DEFAULT_IMAGE_MODEL if cfg.task == "image" else "reference")
     return {"task": cfg.task, "model": model, "weights_dir": cfg.weights_dir, "steps": cfg.steps,
-            "num_frames": cfg.num_frames if cfg.task == "ar-video" else None,
+            "num_frames": cfg.num_frames, "size": [cfg.height, cfg.width] if (cfg.height or cfg.width) else None,
             "gen_length": [cfg.gen_length, cfg.block_length] if cfg.task == "dllm" else None,
             "guidance": cfg.guidance, "seeds": cfg.seed_list, "conditions": conditions, "device": cfg.device,
             "configs": [{"id": j.id, "source": j.source, "policy": j.policy, "options": j.options} for j in jobs]}
@@ -364,14 +425,22 @@ def run(cfg: EvalConfig) -> int:
     scorers = distribution.prepare(fid=cfg.fid, inception_weights=cfg.inception_weights,
                                    fid_extractor=cfg.fid_extractor, clip_model=cfg.clip_model,
                                    num_samples=len(cfg.seed_list))
+    if cfg.image_reward:
+        from dcache.eval import image_reward
+
+        scorers.image_reward = image_reward.load(cfg.image_reward, cfg.device)
     if cfg.task == "ar-video":
         model = load_video_model(cfg.model, cfg.device, cfg.num_frames)
     elif cfg.task == "dllm":
         model = load_dllm_model(cfg.model, cfg.device, cfg.gen_length, cfg.block_length)
     else:
-        model = load_model(cfg.model, cfg.device, cfg.weights_dir)
+        model = load_model(cfg.model, cfg.device, cfg.weights_dir, num_frames=cfg.num_frames, height=cfg.height,
+                           width=cfg.width)
     n = len(cfg.seed_list)
-    base_conds = cfg.conditions if cfg.conditions is not None else model.default_conditions(n)
+    if cfg.conditions is None and "seed_conditions" in model.info:  # scenes: seed s draws prompt s of its grammar
+        base_conds = model.info["seed_conditions"](cfg.seed_list)
+    else:
+        base_conds = cfg.conditions if cfg.conditions is not None else model.default_conditions(n)
     if cfg.task == "dllm":
         base_conds = list(cfg.seed_list)  # the problem is drawn from the sample's seed
     if model.conditioning == "prompt" and cfg.classes:

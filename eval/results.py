@@ -83,21 +83,40 @@ def score(cfg: EvalConfig, store: Any, jobs: list[Job], conditions: list[Any], m
             a = torch.stack([store.image(recs[i]) for i in idx])
             b = torch.stack([base_imgs[i] for i in idx])
             if a.ndim == 5:  # video (N, C, F, H, W): every frame is scored, then averaged
-                row["psnr_per_frame"] = [metrics.psnr_capped(a[:, :, f], b[:, :, f]) for f in range(a.shape[2])]
+                nf = a.shape[2]
+                row["psnr_per_frame"] = [metrics.psnr_capped(a[:, :, f], b[:, :, f]) for f in range(nf)]
+                row["ssim_per_frame"] = [metrics.ssim(a[:, :, f], b[:, :, f]) for f in range(nf)]
+                if lp_ok:
+                    row["lpips_per_frame"] = [metrics.lpips_distance(a[:, :, f], b[:, :, f]) for f in range(nf)]
                 a, b = a.transpose(1, 2).flatten(0, 1), b.transpose(1, 2).flatten(0, 1)
             row["psnr"] = metrics.psnr_capped(a, b)
             row["ssim"] = metrics.ssim(a, b)
             row["lpips"] = metrics.lpips_distance(a, b)
         if model.task_metric is not None:
-            ok = model.task_metric(imgs, [conditions[i] for i in sorted(recs)])
+            conds = [conditions[i] for i in sorted(recs)]
+            ok = model.task_metric(imgs, conds)
             row["task"] = sum(ok) / len(ok)
             row["task_metric"] = model.task_metric_name
+            if "task_extra" in model.info:
+                row.update(model.info["task_extra"](imgs, conds))
         if idx and (scorers.fid is not None):
             a = torch.stack([store.image(recs[i]) for i in idx])
             b = torch.stack([base_imgs[i] for i in idx])
+            if a.ndim == 5:  # video: every frame is an image of the distribution
+                a, b = a.transpose(1, 2).flatten(0, 1), b.transpose(1, 2).flatten(0, 1)
             row.update(scorers.fid_kid(b, a))
         if scorers.clip is not None:
-            row["clip_score"] = scorers.clip_score(imgs, [model.text(conditions[i]) for i in sorted(recs)])
+            caps = [model.text(conditions[i]) for i in sorted(recs)]
+            if imgs.ndim == 5:  # video: the mean over frames of each frame against the video's caption
+                caps = [c for c in caps for _ in range(imgs.shape[2])]
+                row["clip_score"] = scorers.clip_score(imgs.transpose(1, 2).flatten(0, 1), caps)
+            else:
+                row["clip_score"] = scorers.clip_score(imgs, caps)
+        if scorers.image_reward is not None:
+            from dcache.eval import image_reward
+
+            row["image_reward"] = image_reward.score(scorers.image_reward, imgs,
+                                                     [model.text(conditions[i]) for i in sorted(recs)])
         rows.append(row)
     if len(idx_all) < len(cfg.seed_list):
         notes.append(f"baseline has {len(idx_all)} of {len(cfg.seed_list)} samples (run again to finish)")
@@ -106,7 +125,7 @@ def score(cfg: EvalConfig, store: Any, jobs: list[Job], conditions: list[Any], m
 
 CSV_COLUMNS = ["id", "source", "policy", "label", "options", "samples", "wall_s", "speedup", "speedup_median",
                "timed_pairs", "timing_note", "flops", "computed_fraction", "peak_mem_bytes", "psnr", "ssim", "lpips",
-               "token_agreement", "task", "task_metric", "fid", "kid", "kid_std", "clip_score"]
+               "token_agreement", "task", "task_metric", "attributes", "fid", "kid", "kid_std", "clip_score", "image_reward"]
 
 
 def _clean(v: Any) -> Any:
@@ -123,7 +142,8 @@ def write_outputs(cfg: EvalConfig, rows: list[dict], notes: list[str], store: An
     from dcache.eval import pareto
 
     out = cfg.out
-    meta = {"model": model.name, "steps": cfg.steps, "guidance": cfg.guidance, "seeds": cfg.seed_list,
+    meta = {"model": model.name, "steps": cfg.steps, "num_frames": cfg.num_frames, "guidance": cfg.guidance,
+            "seeds": cfg.seed_list,
             "device": cfg.device, "torch_threads": torch.get_num_threads(), "notes": notes,
             "pareto_metric": cfg.pareto_metric}
     payload = {"meta": meta, "rows": [{k: _clean(v) for k, v in r.items()} for r in rows]}
@@ -147,7 +167,7 @@ def write_outputs(cfg: EvalConfig, rows: list[dict], notes: list[str], store: An
     else:
         _write_grid(cfg, store, jobs, model, done)
     what = {"ar-video": f"{cfg.num_frames} frames", "dllm": f"{cfg.gen_length} tokens, block {cfg.block_length}"}.get(
-        cfg.task, f"{cfg.steps} steps")
+        cfg.task, f"{cfg.steps} steps" + (", video" if model.info.get("kind") == "video" else ""))
     print(f"\n{model.name}, {what}, {len(cfg.seed_list)} samples, {torch.get_num_threads()} CPU threads")
     print(_table(rows))
     for nt in notes:
@@ -186,7 +206,7 @@ def _write_grid(cfg: EvalConfig, store: Any, jobs: list[Job], model: Any, done: 
     out = cfg.out
     cols = [i for i in range(len(cfg.seed_list)) if ("baseline", i) in done][:8]
     grid_rows = []
-    video = cfg.task == "ar-video"
+    video = model.info.get("kind") == "video"
     frames = []
     if video and cols:  # one video: columns are evenly spaced frames of the first sample
         nf = store.image(done[("baseline", cols[0])]).shape[1]
@@ -209,8 +229,8 @@ def _write_grid(cfg: EvalConfig, store: Any, jobs: list[Job], model: Any, done: 
 
 TABLE = [("source", "source"), ("label", "policy"), ("wall_s", "s/sample"), ("speedup", "speedup"),
          ("computed_fraction", "computed"), ("psnr", "psnr"), ("ssim", "ssim"), ("lpips", "lpips"),
-         ("token_agreement", "same_tokens"), ("task", "task"),
-         ("fid", "fid"), ("kid", "kid"), ("clip_score", "clip")]
+         ("token_agreement", "same_tokens"), ("task", "task"), ("attributes", "attributes"),
+         ("fid", "fid"), ("kid", "kid"), ("clip_score", "clip"), ("image_reward", "image_reward")]
 
 
 

@@ -47,11 +47,19 @@ def save_png(image: torch.Tensor, path: str) -> None:
     os.replace(tmp, path)  # atomic: a reader sees the whole file or none
 
 
-def save_mp4(video: torch.Tensor, path: str, fps: int = 8, scale: int = 4) -> None:
-    """(C, F, H, W) in [0, 1] → an MP4 (mp4v, opencv) for people and VBench; upscaled, lossy."""
+def mp4_scale(h: int, w: int, min_side: int = 64) -> int:
+    """Integer upscale of a small video's MP4 (players and VBench's networks want some pixels);
+    videos whose short side is at least ``min_side`` are written at their own size."""
+    return max(1, -(-min_side // max(1, min(h, w))))
+
+
+def save_mp4(video: torch.Tensor, path: str, fps: int = 8, scale: int | None = None) -> None:
+    """(C, F, H, W) in [0, 1] → an MP4 (mp4v, opencv) for people and VBench; lossy, so no metric
+    reads it. ``scale`` (default :func:`mp4_scale`) enlarges small videos by pixel repetition."""
     import cv2
 
     c, f, h, w = video.shape
+    scale = mp4_scale(h, w) if scale is None else scale
     tmp = f"{path}.{os.getpid()}.tmp.mp4"
     writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w * scale, h * scale))
     if not writer.isOpened():
@@ -179,9 +187,10 @@ class SampleStore:
         elif image.ndim == 4:
             os.makedirs(os.path.join(self.root, os.path.dirname(rel)), exist_ok=True)
             mp4 = rel[: -len(".png")] + ".mp4"
-            save_mp4(image, os.path.join(self.root, mp4), fps=int(fields.pop("fps", 8)))
+            fps = int(fields.pop("fps", 8))
+            save_mp4(image, os.path.join(self.root, mp4), fps=fps)
             save_png(video_strip(image), os.path.join(self.root, rel))
-            fields.update(frames=int(image.shape[1]), video=mp4)
+            fields.update(frames=int(image.shape[1]), video=mp4, fps=fps)
         else:
             os.makedirs(os.path.join(self.root, os.path.dirname(rel)), exist_ok=True)
             save_png(image, os.path.join(self.root, rel))

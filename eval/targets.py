@@ -39,13 +39,18 @@ def _as_images(out: Any) -> torch.Tensor:
     return as_images(out)
 
 
-def load_model(model: str | None, device: str, weights_dir: str | None = None) -> EvalModel:
+def load_model(model: str | None, device: str, weights_dir: str | None = None, *, num_frames: int | None = None,
+               height: int | None = None, width: int | None = None) -> EvalModel:
+    """An embedded model by name, or a diffusers pipeline (image or video) from a directory or hub id.
+
+    ``num_frames`` / ``height`` / ``width`` go to a diffusers pipeline's call (None: its defaults).
+    """
     model = model or DEFAULT_IMAGE_MODEL
     if model == "digits":
         return _digits(device, weights_dir)
     if model == "scenes":
         return _scenes(device, weights_dir)
-    return _diffusers(model, device)
+    return _diffusers(model, device, num_frames, height, width)
 
 
 def _digits(device: str, weights_dir: str | None) -> EvalModel:
@@ -72,10 +77,16 @@ def _digits(device: str, weights_dir: str | None) -> EvalModel:
 
 
 def _scenes(device: str, weights_dir: str | None) -> EvalModel:
+    """The embedded prompt-conditioned scenes model. Without ``--prompts`` sample ``i`` draws the
+    grammar's prompt for its seed (``sample_prompts(1, seed)``, as ``dcache bench`` does); the task
+    metrics are the scenes checker's whole-prompt adherence (``task``) and the share of single
+    checks passed (``attributes``: background, count, relation, each object's colour/shape/size)."""
     try:
-        from dcache.pipelines.zoo.scenes import check_adherence, load_scenes_pipeline, sample_prompts
+        from dcache.pipelines.zoo.scenes import check_adherence, load_scenes_pipeline
     except ImportError:
         raise ValueError("--model scenes is not in this build yet (issue #16); use --model digits") from None
+    from dcache.eval.bench_image import attribute_rate, scene_prompts
+
     pipe = load_scenes_pipeline(device=device, dtype=torch.float32, weights_dir=weights_dir)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
@@ -90,43 +101,76 @@ def _scenes(device: str, weights_dir: str | None) -> EvalModel:
     def adherent(images: torch.Tensor, prompts: list[Any]) -> list[bool]:
         return [bool(r["whole"]) for r in check_adherence(images, [str(p) for p in prompts])]
 
+    def attributes(images: torch.Tensor, prompts: list[Any]) -> dict[str, float]:
+        return {"attributes": attribute_rate(check_adherence(images, [str(p) for p in prompts]))}
+
     return EvalModel(pipe, "embedded scenes (FluxTransformer2DModel, prompt-conditioned)", "prompt", draw,
-                     lambda n: list(sample_prompts(n, 0)), adherent, "prompt_adherence")
+                     lambda n: scene_prompts(list(range(n))), adherent, "prompt_adherence",
+                     info={"seed_conditions": scene_prompts, "task_extra": attributes})
 
 
-def _diffusers(model: str, device: str) -> EvalModel:
+def _diffusers(model: str, device: str, num_frames: int | None = None, height: int | None = None,
+               width: int | None = None) -> EvalModel:
     from diffusers import DiffusionPipeline
 
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from dcache.eval import video_pipelines as vp
+
+    # eval draws its own progress bar; the loaders' bars would bury its one-line errors on stderr.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     try:
         pipe = DiffusionPipeline.from_pretrained(os.path.expanduser(model)).to(device)
     except Exception as e:  # noqa: BLE001 - report any loading failure the same way
         raise ValueError(f"--model {model!r}: cannot load a diffusers pipeline: {str(e).splitlines()[0]}") from None
     pipe.set_progress_bar_config(disable=True)
     params = inspect.signature(type(pipe).__call__).parameters
+    video = "num_frames" in params
     if "prompt" in params:
         conditioning = "prompt"
+        if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "tokenizer", None) is None:
+            from dcache.eval.cli_errors import UsageError
+
+            raise UsageError(f"--model {model!r} has no text_encoder/tokenizer, so prompts cannot be encoded; "
+                             "save the pipeline with them (pipe.save_pretrained) or use the hub checkpoint")
     elif "class_labels" in params:
         conditioning = "class"
     else:
         conditioning = "none"
+    if not video and num_frames is not None:
+        from dcache.eval.cli_errors import UsageError
+
+        raise UsageError(f"--num-frames applies to video pipelines; {type(pipe).__name__} makes images")
+    if video:
+        vp.check_frames(pipe, num_frames)
+    for flag, v in (("height", height), ("width", width)):
+        if v is not None and flag not in params:
+            from dcache.eval.cli_errors import UsageError
+
+            raise UsageError(f"--{flag} does not apply to {type(pipe).__name__}")
+    size = {k: v for k, v in (("height", height), ("width", width), ("num_frames", num_frames)) if v is not None}
 
     def draw(seed: int, cond: Any, steps: int, guidance: float | None) -> torch.Tensor:
         kw: dict[str, Any] = {"num_inference_steps": steps, "output_type": "pt",
-                              "generator": torch.Generator(device).manual_seed(seed)}
+                              "generator": torch.Generator(device).manual_seed(seed), **size}
         if guidance is not None and "guidance_scale" in params:
             kw["guidance_scale"] = guidance
         if conditioning == "prompt":
             kw["prompt"] = [str(cond)]
         elif conditioning == "class":
             kw["class_labels"] = [int(cond)]
-        return _as_images(pipe(**kw))
+        out = pipe(**kw)
+        return vp.as_video(out) if video else _as_images(out)
 
     def defaults(n: int) -> list[Any]:
         if conditioning == "prompt":
-            raise ValueError(f"--model {model!r} takes prompts: pass --prompts FILE (one prompt a line)")
+            raise ValueError(f"--model {model!r} takes prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
         return [i % 10 for i in range(n)] if conditioning == "class" else [None] * n
 
-    return EvalModel(pipe, f"{type(pipe).__name__} from {model}", conditioning, draw, defaults)
+    info: dict[str, Any] = {"kind": "video", "fps": vp.fps_of(pipe)} if video else {}
+    return EvalModel(pipe, f"{type(pipe).__name__} from {model}", conditioning, draw, defaults, info=info)
 
 
 # -- autoregressive video -----------------------------------------------------------------------

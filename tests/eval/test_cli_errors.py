@@ -1,5 +1,6 @@
 """Every bad input is one line on stderr and exit code 2, found before any model runs."""
 
+import json
 import os
 
 import pytest
@@ -46,7 +47,26 @@ BAD_EVAL = [
     (["--task", "ar-video", "--vbench", "beauty"], "unknown dimension(s) ['beauty']; accepted on custom videos:"),
     (["--vbench", "subject_consistency"], "--vbench scores videos: use it with --task ar-video"),
     (["--task", "ar-video", "--steps", "4"], "--steps does not apply to --task ar-video"),
+    # diffusers pipelines, video ones in particular (read from model_index.json, nothing loaded)
+    (["--model", "{notpipe}"], "is not a diffusers pipeline directory (no model_index.json)"),
+    (["--model", "{nodenoiser}", "--prompt", "a cat"], "(WanPipeline) has no transformer or unet; dcache caches the denoiser"),
+    (["--model", "{nofolder}", "--prompt", "a cat"], "model_index.json names a transformer but the folder transformer/ is missing"),
+    (["--model", "{wan}"], "(WanPipeline) takes prompts: pass --prompt TEXT (repeatable) or --prompts FILE"),
+    (["--model", "{wan_noenc}", "--prompt", "a cat"], "(WanPipeline) has no text_encoder/tokenizer, so prompts cannot be encoded"),
+    (["--model", "{flux}", "--prompt", "a cat", "--num-frames", "9"], "--num-frames applies to video pipelines; --model"),
+    (["--model", "{wan}", "--prompt", "a cat", "--num-frames", "-3"], "--num-frames must be an integer >= 1, got -3"),
+    (["--model", "{wan}", "--prompt", "a cat", "--height", "0"], "--height must be an integer >= 1, got 0"),
+    (["--num-frames", "9"], "--num-frames applies to a diffusers pipeline --model, not the embedded"),
+    (["--model", "{wan}", "--prompt", ""], "--prompt must not be empty"),
+    (["--prompt", "a cat", "--prompts", "{empty}"], "give --prompt TEXT or --prompts FILE / --classes, not both"),
+    (["--model", "{flux}", "--prompt", "a cat", "--vbench", "subject_consistency"], "--vbench scores videos"),
+    (["--task", "dllm", "--height", "16"], "--height does not apply to --task dllm"),
 ]
+try:  # image-reward 1.5 does not import with transformers 5 (dcache/eval/image_reward.py)
+    import ImageReward  # noqa: F401
+except Exception:  # noqa: BLE001
+    BAD_EVAL.append((["--image-reward"], "--image-reward takes ImageReward-v1.0 (the default) or a path to an "
+                     "ImageReward .pt checkpoint, and needs the image-reward package importable:"))
 if not torch.cuda.is_available():
     BAD_EVAL.append((["--device", "cuda"], "--device 'cuda' is unavailable: torch sees no CUDA GPU here"))
 
@@ -64,12 +84,38 @@ BAD_OTHER = [
 ]
 
 
+def _pipeline_dir(root, name, index, folders=()):
+    """A directory holding only a model_index.json (and empty component folders): enough for the
+    checks that must refuse before anything is loaded."""
+    d = root / name
+    d.mkdir()
+    (d / "model_index.json").write_text(json.dumps(index))
+    for f in folders:
+        (d / f).mkdir()
+    return d
+
+
 def _fill(args, tmp_path):
     f = tmp_path / "a-file"
     f.write_text("x")
     e = tmp_path / "empty.txt"
     e.write_text("\n \n")
-    return [a.format(file=f, empty=e) for a in args]
+    wan = {"_class_name": "WanPipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+           "text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
+           "transformer": ["diffusers", "WanTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"]}
+    dirs = {
+        "notpipe": tmp_path / "not-a-pipeline",
+        "nodenoiser": _pipeline_dir(tmp_path, "no-denoiser", {**wan, "transformer": [None, None]}, ["vae"]),
+        "nofolder": _pipeline_dir(tmp_path, "no-folder", wan, ["vae"]),
+        "wan": _pipeline_dir(tmp_path, "wan", wan, ["transformer", "vae", "text_encoder", "tokenizer"]),
+        "wan_noenc": _pipeline_dir(tmp_path, "wan-noenc", {**wan, "text_encoder": [None, None], "tokenizer": [None, None]},
+                                   ["transformer", "vae"]),
+        "flux": _pipeline_dir(tmp_path, "flux", {"_class_name": "FluxPipeline", "transformer": ["diffusers",
+                              "FluxTransformer2DModel"], "text_encoder": ["transformers", "CLIPTextModel"],
+                              "tokenizer": ["transformers", "CLIPTokenizer"]}, ["transformer"]),
+    }
+    dirs["notpipe"].mkdir()
+    return [a.format(file=f, empty=e, **dirs) for a in args]
 
 
 def _one_line(capsys):

@@ -56,7 +56,17 @@ def _stamp(out, recs):
     return {r["file"]: (os.stat(out / r["file"]).st_ino, os.stat(out / r["file"]).st_mtime_ns) for r in recs}
 
 
-def test_kill_resume_interrupt_keeps_every_sample(tmp_path, capsys):
+@pytest.fixture
+def terminal_sigint():
+    """SIGINT as in a terminal (Python's KeyboardInterrupt handler). A shell that starts the suite in
+    the background (``pytest ... &``) hands the process SIGINT ignored, and the Ctrl-C below would
+    then never arrive (the run would finish with exit 0)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
+def test_kill_resume_interrupt_keeps_every_sample(tmp_path, capsys, terminal_sigint):
     out = tmp_path / "run"
     # 1. SIGKILL part-way (a separate process): no chance to clean up.
     p = _start(out)
