@@ -68,11 +68,11 @@ def _route(argv: list[str], out_hint: dict) -> int:
         ap = ArgParser(prog="dcache policies", description="List the policies, optionally of one task.")
         ap.add_argument("--task", default=None, choices=sorted(BENCH_TASKS), help="only this task's policies")
         args = ap.parse_args(rest)
-        from dcache.registry import get_policy, policies
+        from dcache.registry import policies
 
-        for name, desc in policies(args.task).items():
-            task = "" if args.task else f"[{get_policy(name).task}] "
-            print(f"{name:20s} {task}{desc}")
+        for name, info in policies(args.task, detailed=True).items():
+            tag = info["granularity"] if args.task else f"{info['task']}, {info['granularity']}"
+            print(f"{name:14s} [{tag}] {info['description']}")
         return 0
     if cmd == "bench":
         pre = ArgParser(prog="dcache bench", add_help=False)

@@ -79,10 +79,19 @@ def get_policy(name: str, task: str | None = None) -> PolicyInfo:
     return info
 
 
-def policies(task: str | None = None) -> dict[str, str]:
-    """Name → one-line description of every registered policy (optionally of one task)."""
+def policies(task: str | None = None, *, detailed: bool = False) -> dict[str, Any]:
+    """Name → one-line description of every registered policy (optionally of one task).
+
+    With ``detailed=True`` each value is ``{"description", "task", "granularity"}`` instead::
+
+        >>> dcache.policies("image", detailed=True)["toca"]["granularity"]
+        'token'
+    """
     _load_builtin()
-    return {n: p.description for n, p in sorted(_POLICIES.items()) if task is None or p.task == task}
+    chosen = [(n, p) for n, p in sorted(_POLICIES.items()) if task is None or p.task == task]
+    if detailed:
+        return {n: {"description": p.description, "task": p.task, "granularity": p.granularity} for n, p in chosen}
+    return {n: p.description for n, p in chosen}
 
 
 def make_config(name: str, options: dict[str, Any], task: str | None = None) -> Any:

@@ -14,6 +14,31 @@ def test_policies_lists_the_core_methods():
         assert n in names and isinstance(names[n], str) and names[n]
 
 
+def test_policies_detailed_names_granularity_and_task():
+    from dcache import installers
+    from dcache.registry import get_policy
+
+    detailed = dcache.policies(detailed=True)
+    assert set(detailed) == set(dcache.policies())
+    known = set(installers.granularities())
+    for name, info in detailed.items():
+        assert info["task"] == get_policy(name).task and info["description"] == dcache.policies()[name]
+        # image policies go through an installer; KV policies of the other tasks name their own kind
+        assert info["granularity"] in known if info["task"] == "image" else info["granularity"]
+    assert {n: detailed[n]["granularity"] for n in ("toca", "deepcache", "delta-dit", "taylorseer")} == {
+        "toca": "token", "deepcache": "unet_branch", "delta-dit": "block", "taylorseer": "module"}
+    assert set(dcache.policies("dllm", detailed=True)) == set(dcache.policies("dllm"))
+
+
+def test_policies_cli_prints_granularity(capsys):
+    from dcache.cli import main
+
+    assert main(["policies", "--task", "image"]) == 0
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines()}
+    assert set(lines) == set(dcache.policies("image"))
+    assert "[token]" in lines["toca"] and "[module]" in lines["taylorseer"]
+
+
 def test_unknown_policy_names_accepted_values(tiny_pipes):
     pipe = tiny_pipes("flux")[0]
     with pytest.raises(ValueError, match="unknown policy 'teacahce'.*accepted:.*taylorseer"):
