@@ -5,6 +5,9 @@ Usage (the shipped run; see scenes_model.json's "training" entry for the exact a
     OMP_NUM_THREADS=1 nice -n 10 python -m dcache.pipelines.zoo.scenes.train --out /tmp/scenes_run \\
         --steps 7000 --minutes 60
 
+Continuing a run: ``--init DIR`` starts from the weights in DIR (e.g. the shipped package folder)
+with a fresh warm-up and cosine; the shipped model was trained this way in two legs (train.log).
+
 Scenes are drawn on the fly (no dataset). Writes ``scenes_model.json``,
 ``scenes_transformer.safetensors`` and ``scenes_text_encoder.safetensors`` (EMA weights, float16)
 into ``--out`` every ``--save-every`` steps and at the end; every ``--eval-every`` steps it samples
@@ -22,7 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from .grammar import VOCABULARY
 from .model import (
@@ -83,17 +86,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-samples", type=int, default=64)
     p.add_argument("--eval-steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--init", type=Path, default=None,
+                   help="start from the weights in this folder (a --out folder or the shipped package "
+                        "folder) with a fresh learning-rate schedule; the model config is read from it")
+    p.add_argument("--keep-evals", action="store_true",
+                   help="also keep a checkpoint per eval under OUT/step_N, to ship the best one")
     args = p.parse_args(argv)
     if args.steps <= 0 or args.batch_size <= 0:
         raise SystemExit("error: --steps and --batch-size must be positive")
+    if args.init is not None:
+        missing = [n for n in (CONFIG_FILE, TRANSFORMER_FILE, TEXT_ENCODER_FILE) if not (args.init / n).is_file()]
+        if missing:
+            raise SystemExit(f"error: --init {args.init} lacks {', '.join(missing)}; pass a folder written by --out")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     rng = random.Random(args.seed)
-    cfg = ScenesModelConfig()
     tok = SceneTokenizer()
+    init_meta = None
+    if args.init is not None:
+        init_meta = json.loads((args.init / CONFIG_FILE).read_text())
+        if tuple(init_meta.get("vocabulary", ())) != VOCABULARY:
+            raise SystemExit(f"error: {args.init} was trained on another vocabulary than {VOCABULARY}")
+        cfg = ScenesModelConfig(**init_meta["model"])
+    else:
+        cfg = ScenesModelConfig()
     transformer, text_encoder = build_transformer(cfg).train(), build_text_encoder(cfg, tok).train()
+    if args.init is not None:
+        # The shipped weights are the EMA weights in float16; training continues from them in float32.
+        transformer.load_state_dict({k: v.float() for k, v in load_file(str(args.init / TRANSFORMER_FILE)).items()})
+        text_encoder.load_state_dict({k: v.float() for k, v in load_file(str(args.init / TEXT_ENCODER_FILE)).items()})
     ema_t, ema_e = copy.deepcopy(transformer).eval(), copy.deepcopy(text_encoder).eval()
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
@@ -157,10 +180,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"eval step {done}: whole-prompt adherence {rate:.3f} on {args.eval_samples} prompts, "
                   f"{args.eval_steps} steps, guidance {args.guidance}", flush=True)
         if done % args.save_every == 0 or last:
-            meta = dict(vars(args), out=str(args.out), steps_done=done, ema_loss=running,
+            meta = dict(vars(args), out=str(args.out), init=None if args.init is None else str(args.init),
+                        init_training=None if init_meta is None else init_meta.get("training"),
+                        steps_done=done, ema_loss=running,
                         minutes=(time.time() - t_start) / 60, transformer_params=n_params,
                         text_encoder_params=n_text, evals=evals)
             save_checkpoint(args.out, cfg, ema_t, ema_e, meta)
+            if args.keep_evals and (done % args.eval_every == 0 or last):
+                save_checkpoint(args.out / f"step_{done}", cfg, ema_t, ema_e, meta)
         if out_of_time:
             break
     return 0
