@@ -27,6 +27,9 @@ class PolicyEnv:
     parallel_group: Any = None
     # Warm-up steps the coefficient source pairs with its coefficients (TeaCache's Wan ret-steps: 5).
     teacache_warmup_steps: int | None = None
+    # The denoiser's class and a hash of its config: identity for files measured on one model.
+    model_class: str = ""
+    config_hash: str = ""
 
 
 class PolicyState:
