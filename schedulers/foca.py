@@ -6,7 +6,8 @@ then every ``interval`` steps, and the last step); on the steps in between each 
 produced from its stored history with no model call:
 
 * forecast: an explicit BDF2 predictor from the two most recent values of the site, cached or
-  computed, ``P = 4/3 F_k - 1/3 F_{k-1} + 2h/3 F'_k``;
+  computed, ``P = 4/3 F_k - 1/3 F_{k-1} + 2h/3 F'_k``, with F'_k the derivative at the last
+  computed step;
 * calibrate: a Heun (trapezoidal) corrector that averages the derivative the predictor implies
   at the new step with the derivative at the last computed step, ``F_c = F_k + h/2 (F'_full + F'_P)``.
 
@@ -55,14 +56,13 @@ def scheduled_compute(state: FoCaState, step: Any, interval: int, warmup_steps: 
 class FoCaSite:
     """One site output's history (``kernels.foca`` slots) and the steps it refers to."""
 
-    __slots__ = ("hist", "n_full", "full_step", "cur_step", "h_prev", "dtype")
+    __slots__ = ("hist", "n_full", "full_step", "cur_step", "dtype")
 
     def __init__(self) -> None:
         self.hist: torch.Tensor | None = None
         self.n_full = 0
         self.full_step = 0
         self.cur_step = 0
-        self.h_prev = 0.0
         self.dtype: torch.dtype | None = None
 
     def cache_nbytes(self) -> int:
@@ -103,10 +103,8 @@ class FoCaPolicy(ModulePolicy):
             # A second call in the same step (a second-order scheduler's corrector): the history
             # is over steps, so it keeps the step's first value.
             return
-        h_prev = float(s - site.cur_step) if site.n_full > 0 else 0.0
         site.n_full = foca_ops.calibrate(site.hist, site.n_full, value.detach(), float(max(s - site.full_step, 1)))
         site.full_step = site.cur_step = s
-        site.h_prev = h_prev
         site.dtype = value.dtype
 
     def _codes(self, site: FoCaSite) -> torch.Tensor | None:
@@ -118,8 +116,8 @@ class FoCaPolicy(ModulePolicy):
         if s == site.cur_step:  # the corrector call of a second-order scheduler: same value again
             return site.hist[foca_ops.CUR].to(site.dtype, copy=True)
         h = float(s - site.cur_step)
-        out = foca_ops.forecast(site.hist, h, site.h_prev, site.dtype, self._codes(site), float(s - site.full_step))
-        site.h_prev, site.cur_step = h, s
+        out = foca_ops.forecast(site.hist, h, site.dtype, self._codes(site), float(s - site.full_step))
+        site.cur_step = s
         return out
 
 

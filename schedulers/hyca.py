@@ -158,8 +158,8 @@ class HyCaPolicy(FoCaPolicy):
         k = float(step.index - sh.full_step)
         preds = [full, full + k * dfull]
         h = float(step.index - sh.cur_step)
-        preds.append(foca_ops.forecast(sh.hist, h, sh.h_prev, torch.float32))
-        sh.h_prev, sh.cur_step = h, step.index
+        preds.append(foca_ops.forecast(sh.hist, h, torch.float32))
+        sh.cur_step = step.index
         channels = x.shape[-1]
         gs = self.config.group_size
         groups = -(-channels // gs)

@@ -23,20 +23,19 @@ def hand_foca(schedule, computed_values):
         if comp:
             x = next(vals).double()
             if anchor is None:
-                f_km1, km1_step = x, s
+                f_km1 = x
             else:
                 d_full = (x - anchor) / (s - anchor_step)  # derivative at the computed step
-                f_km1, km1_step = f_k, k_step
+                f_km1 = f_k
             anchor, anchor_step = x, s
             f_k, k_step = x, s
             out.append(x)
             continue
-        h, hp = s - k_step, k_step - km1_step
-        dk = (f_k - f_km1) / hp if hp else torch.zeros_like(f_k)  # F'(x_k), backward difference
-        predicted = 4 / 3 * f_k - 1 / 3 * f_km1 + 2 * h / 3 * dk  # explicit BDF2
+        h = s - k_step
+        predicted = 4 / 3 * f_k - 1 / 3 * f_km1 + 2 * h / 3 * d_full  # explicit BDF2, F'(x_k) = anchor's
         d_next = (predicted - f_k) / h  # derivative the predictor implies at x_{k+1}
         corrected = f_k + h / 2 * (d_full + d_next)  # Heun / trapezoidal corrector
-        f_km1, km1_step = f_k, k_step
+        f_km1 = f_k
         f_k, k_step = corrected, s
         out.append(corrected)
     return out

@@ -110,11 +110,10 @@ def test_forecast_kernel_is_the_formula(backend):
     torch.manual_seed(0)
     hist = torch.randn(4, 3, 33, 10)
     cur, prev, full, dfull = (hist[i].clone().double() for i in range(4))
-    h, hp = 2.0, 3.0
-    d_loc = (cur - prev) / hp
-    predicted = 4 / 3 * cur - 1 / 3 * prev + 2 * h / 3 * d_loc
+    h = 2.0
+    predicted = 4 / 3 * cur - 1 / 3 * prev + 2 * h / 3 * dfull
     want = cur + h / 2 * (dfull + (predicted - cur) / h)
-    out = ops.forecast(hist, h, hp)
+    out = ops.forecast(hist, h)
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(hist[ops.CUR].double(), want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(hist[ops.PREV].double(), cur)
@@ -127,8 +126,8 @@ def test_forecast_kernel_selects_a_solver_per_channel(backend):
     codes = torch.tensor([0, 1, 2, 2, 1, 0])
     ref_hist = hist.clone()
     k = 4.0
-    foca_all = ops.forecast_torch(ref_hist, 1.0, 1.0)
-    out = ops.forecast(hist, 1.0, 1.0, codes=codes, k_full=k)
+    foca_all = ops.forecast_torch(ref_hist, 1.0)
+    out = ops.forecast(hist, 1.0, codes=codes, k_full=k)
     full, dfull = ref_hist[ops.FULL], ref_hist[ops.DFULL]
     for c, code in enumerate(codes.tolist()):
         want = {0: full[..., c], 1: full[..., c] + k * dfull[..., c], 2: foca_all[..., c]}[code]
@@ -162,9 +161,9 @@ def test_forecast_triton_matches_torch(dtype, monkeypatch):
     torch.manual_seed(3)
     a = torch.randn(4, 5, 37, 11).to(dtype)
     b = a.clone()
-    ref = ops.forecast_torch(a, 1.0, 2.0, torch.float32)
+    ref = ops.forecast_torch(a, 2.0, torch.float32)
     monkeypatch.setenv("DCACHE_FORCE_TRITON", "1")
-    out = ops.forecast(b, 1.0, 2.0, torch.float32)
+    out = ops.forecast(b, 2.0, torch.float32)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
     torch.testing.assert_close(b.float(), a.float(), atol=tol, rtol=tol)
@@ -176,9 +175,9 @@ def test_bad_inputs_are_value_errors():
     with pytest.raises(ValueError, match="dtype"):
         FoCaConfig(dtype="float8")
     with pytest.raises(ValueError, match="hist must have shape"):
-        ops.forecast(torch.zeros(3, 4), 1.0, 1.0)
+        ops.forecast(torch.zeros(3, 4), 1.0)
     with pytest.raises(ValueError, match="positive"):
-        ops.forecast(torch.zeros(4, 4), 0.0, 1.0)
+        ops.forecast(torch.zeros(4, 4), 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
