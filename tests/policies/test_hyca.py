@@ -157,7 +157,10 @@ def run(pipe, kw, attr):
     return getattr(pipe(generator=gen(), num_inference_steps=STEPS, **kw), attr)
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3", "pixart", "wan"])
+SLOW = ["dit", "cogvideox", "hunyuan_video", "ltx", "qwenimage"]
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "pixart", "wan"] + [pytest.param(f, marks=pytest.mark.slow) for f in SLOW])
 def test_profile_then_use_on_a_real_pipeline(family, tiny_pipes, tmp_path):
     pipe, kw, attr, inner = tiny_pipes(family)
     calls = []
@@ -183,6 +186,8 @@ def test_profile_then_use_on_a_real_pipeline(family, tiny_pipes, tmp_path):
         h.remove()
     assert n1 * STEPS == base_calls * 4  # computed on steps 0, 3, 6 and 9 (also the last)
     assert torch.isfinite(out1).all() and stats1["forecast"] > 0
+    # the profile names each output leaf of every hooked site
+    assert {n.rsplit("[", 1)[0] for n in profile["sites"]} == set(stats1["sites"])
     assert torch.equal(out1, out2) and stats1 == stats2, "state leaked between runs"
     assert torch.equal(run(pipe, kw, attr), base), "disable did not restore the exact original"
 
@@ -202,3 +207,16 @@ def test_unet_is_refused(tiny_pipes, tmp_path):
     pipe, _, _, _ = tiny_pipes("sd_unet")
     with pytest.raises(ValueError, match="hyca forecasts module outputs.*none, static, teacache"):
         dcache.accelerate(pipe, "hyca", profile_out=str(tmp_path / "p.json"))
+
+
+def test_same_class_other_config_is_refused(tiny_pipes, tmp_path):
+    import tiny
+
+    pipe, kw, attr, _ = tiny_pipes("flux")
+    path = tmp_path / "flux.json"
+    with dcache.accelerated(pipe, "hyca", profile_out=str(path), interval=3, warmup_steps=1):
+        run(pipe, kw, attr)
+    other = tiny.flux(layers=1)[0]  # same class, one double block fewer
+    with pytest.raises(ValueError, match="FluxTransformer2DModel \\(config hash [0-9a-f]{16}\\), this model is "
+                                         "FluxTransformer2DModel \\(config hash [0-9a-f]{16}\\)"):
+        dcache.accelerate(other, "hyca", profile=str(path))
