@@ -58,12 +58,14 @@ class HyCaState(FoCaState):
 
 
 class HyCaSite(FoCaSite):
-    __slots__ = ("name", "codes", "shadow")
+    __slots__ = ("name", "codes", "uses_foca", "taylor_mask", "shadow")
 
     def __init__(self, name: str) -> None:
         super().__init__()
         self.name = name
         self.codes: torch.Tensor | None = None  # one solver code per channel (use mode)
+        self.uses_foca = True
+        self.taylor_mask: torch.Tensor | None = None
         self.shadow: FoCaSite | None = None  # the schedule replayed during a profile run
 
 
@@ -117,12 +119,23 @@ class HyCaPolicy(FoCaPolicy):
         return Action.COMPUTE
 
     # -- use ---------------------------------------------------------------------------------
+    @torch.compiler.disable
+    def produce(self, site: HyCaSite, step: Any) -> torch.Tensor:
+        codes = self._codes(site)
+        if site.uses_foca or step.index == site.cur_step:
+            return super().produce(site, step)
+        # No FoCa channel: reuse and Taylor read only the anchor, one pass, no window to advance.
+        site.cur_step = step.index
+        return foca_ops.anchored(site.hist, float(step.index - site.full_step), site.taylor_mask, site.dtype)
+
     def _codes(self, site: HyCaSite) -> torch.Tensor:
         if site.codes is None or site.codes.device != site.hist.device:
             entry = self._entry(site.name, site.hist.shape[-1])
             gs = self.profile["group_size"]
             per_channel = [entry["solvers"][i // gs] for i in range(entry["channels"])]
             site.codes = torch.tensor(per_channel, dtype=torch.int32, device=site.hist.device)
+            site.uses_foca = foca_ops.FOCA in per_channel
+            site.taylor_mask = None if foca_ops.TAYLOR not in per_channel else (site.codes == foca_ops.TAYLOR).float()
         return site.codes
 
     def _entry(self, name: str, channels: int) -> dict:

@@ -92,12 +92,12 @@ def test_profile_run_picks_the_known_solver_per_group(tmp_path):
     assert got[0, 0] == 0 and got[1, 1] < 1e-6 * got[0, 1]
 
 
-def test_profile_round_trip_and_values_in_use(tmp_path):
+@pytest.mark.parametrize("solvers", [[0, 1, 2], [0, 1, 1], [0, 0, 0]])  # with FoCa; without (one pass, no window)
+def test_profile_round_trip_and_values_in_use(solvers, tmp_path):
     values = synthetic()
     path, _, _ = profile_of(values, tmp_path)
     profile = json.loads(path.read_text())
-    # Force one group to FoCa so every solver is exercised in use.
-    profile["sites"]["site[0]"]["solvers"] = [0, 1, 2]
+    profile["sites"]["site[0]"]["solvers"] = solvers
     path.write_text(json.dumps(profile))
     policy = HyCaConfig(profile=str(path), interval=4, warmup_steps=2).build(ENV)
     acts, outs = drive(policy, values)
@@ -111,9 +111,10 @@ def test_profile_round_trip_and_values_in_use(tmp_path):
             continue
         t1, v1 = last
         d = (v1 - prev_c[1]) / (t1 - prev_c[0])
-        torch.testing.assert_close(outs[s][..., 0:4], v1[..., 0:4], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(outs[s][..., 4:8], (v1 + (s - t1) * d)[..., 4:8], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(outs[s][..., 8:], foca[s][..., 8:], atol=1e-5, rtol=1e-5)
+        by_code = {0: v1, 1: v1 + (s - t1) * d, 2: foca[s]}
+        for g, code in enumerate(solvers):
+            sl = slice(4 * g, 4 * g + 4)
+            torch.testing.assert_close(outs[s][..., sl], by_code[code][..., sl], atol=1e-5, rtol=1e-5)
 
 
 def test_profile_of_another_model_is_refused(tmp_path):
