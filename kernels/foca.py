@@ -83,6 +83,15 @@ def forecast_torch(hist: torch.Tensor, h: float, out_dtype: torch.dtype | None =
     return out
 
 
+def reselect(hist: torch.Tensor, codes: torch.Tensor, k_full: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The per-channel output again for the step ``hist[CUR]`` was forecast for, without advancing
+    (a second-order scheduler's corrector call at the same step)."""
+    _check_hist(hist)
+    full, dfull = hist[FULL].float(), hist[DFULL].float()
+    out = torch.where(codes == FOCA, hist[CUR].float(), torch.where(codes == TAYLOR, full + k_full * dfull, full))
+    return out.to(out_dtype or hist.dtype)
+
+
 def anchored(hist: torch.Tensor, k_full: float, taylor: torch.Tensor | None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Reuse / Taylor only (no FoCa channel, so the window is never read): ``full + k·dfull·taylor``,
     one pass; ``taylor`` is a 0/1 float mask over the last dimension (None: every channel reuses)."""

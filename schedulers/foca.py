@@ -113,10 +113,13 @@ class FoCaPolicy(ModulePolicy):
     @torch.compiler.disable
     def produce(self, site: FoCaSite, step: Any) -> torch.Tensor:
         s = step.index
+        codes = self._codes(site)
         if s == site.cur_step:  # the corrector call of a second-order scheduler: same value again
-            return site.hist[foca_ops.CUR].to(site.dtype, copy=True)
+            if codes is None:
+                return site.hist[foca_ops.CUR].to(site.dtype, copy=True)
+            return foca_ops.reselect(site.hist, codes, float(s - site.full_step), site.dtype)
         h = float(s - site.cur_step)
-        out = foca_ops.forecast(site.hist, h, site.dtype, self._codes(site), float(s - site.full_step))
+        out = foca_ops.forecast(site.hist, h, site.dtype, codes, float(s - site.full_step))
         site.cur_step = s
         return out
 

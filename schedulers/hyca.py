@@ -121,10 +121,11 @@ class HyCaPolicy(FoCaPolicy):
     # -- use ---------------------------------------------------------------------------------
     @torch.compiler.disable
     def produce(self, site: HyCaSite, step: Any) -> torch.Tensor:
-        codes = self._codes(site)
-        if site.uses_foca or step.index == site.cur_step:
+        self._codes(site)  # sets uses_foca / taylor_mask on first use
+        if site.uses_foca:
             return super().produce(site, step)
-        # No FoCa channel: reuse and Taylor read only the anchor, one pass, no window to advance.
+        # No FoCa channel: reuse and Taylor read only the anchor, one pass, no window to advance
+        # (a second-order scheduler's corrector call at the same step gets the same value).
         site.cur_step = step.index
         return foca_ops.anchored(site.hist, float(step.index - site.full_step), site.taylor_mask, site.dtype)
 
