@@ -263,6 +263,8 @@ class HyCaConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, str) or not v):
                 raise ValueError(f"hyca: {name} must be a file path, got {v!r}")
+        if self.profile is not None:
+            load_profile(self.profile)  # a missing or foreign file fails here, before any generation
         check_int("hyca", "interval", self.interval, 1)
         check_int("hyca", "warmup_steps", self.warmup_steps, 0)
         check_bool("hyca", "compute_last", self.compute_last)

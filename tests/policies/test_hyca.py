@@ -143,10 +143,10 @@ def test_bad_config_is_a_value_error(tmp_path):
     with pytest.raises(ValueError, match="exactly one of profile"):
         HyCaConfig(profile="a.json", profile_out="b.json")
     with pytest.raises(ValueError, match="not found"):
-        HyCaConfig(profile=str(tmp_path / "missing.json")).build(ENV)
+        HyCaConfig(profile=str(tmp_path / "missing.json"))
     (tmp_path / "x.json").write_text("{}")
     with pytest.raises(ValueError, match="not a hyca profile"):
-        HyCaConfig(profile=str(tmp_path / "x.json")).build(ENV)
+        HyCaConfig(profile=str(tmp_path / "x.json"))
     with pytest.raises(ValueError, match="group_size"):
         HyCaConfig(profile_out="p.json", group_size=0)
 
