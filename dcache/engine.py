@@ -97,7 +97,19 @@ def _env(adapter: Any, denoiser: torch.nn.Module, blocks: list) -> PolicyEnv:
         teacache_warmup_steps=adapter.teacache_warmup_for(denoiser),
         attention_kinds=tuple(sorted(adapter.attention_kinds(blocks))) if adapter.has_blocks else (),
         guidance_distilled=adapter.guidance_distilled(denoiser),
+        model_class=type(denoiser).__name__,
+        config_hash=_config_hash(denoiser),
     )
+
+
+def _config_hash(denoiser: torch.nn.Module) -> str:
+    """sha256 of the denoiser's public config (keys without a leading '_'), 16 hex digits."""
+    import hashlib
+    import json
+
+    config = getattr(denoiser, "config", None) or {}
+    public = {k: v for k, v in dict(config).items() if not str(k).startswith("_")}
+    return hashlib.sha256(json.dumps(public, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def install(obj: Any, configs: list) -> Any:

@@ -104,7 +104,7 @@ def _pab_config(pipe: Any, steps: int) -> Any:
                                            current_timestep_callback=lambda: pipe.current_timestep)
 
 
-def _cache_dit(threshold: float, taylorseer: bool, separate_cfg: bool):
+def _cache_dit(threshold: float, taylorseer: bool, separate_cfg: bool, foca: bool = False):
     def setup(pipe: Any, steps: int):
         import cache_dit
 
@@ -114,6 +114,9 @@ def _cache_dit(threshold: float, taylorseer: bool, separate_cfg: bool):
         kwargs = {"cache_config": cfg}
         if taylorseer:
             kwargs["calibrator_config"] = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1)
+        elif foca:
+            # cache-dit >= 1.5 ships a FoCa calibrator (no knobs besides the cache's own).
+            kwargs["calibrator_config"] = cache_dit.FoCaCalibratorConfig()
         cache_dit.enable_cache(pipe.transformer, **kwargs)
 
         def before(p: Any) -> None:
@@ -153,6 +156,11 @@ def available_peers(calibration_call: Callable[[Any, int], None], separate_cfg: 
                                                      "taylorseer_order": 1},
                  _cache_dit(0.2, True, separate_cfg), "taylorseer"),
         ]
+        if hasattr(cache_dit, "FoCaCalibratorConfig"):
+            peers.append(Peer("cache-dit", "DBCache+FoCa", {"Fn": 1, "Bn": 0, "residual_diff_threshold": 0.2},
+                              _cache_dit(0.2, False, separate_cfg, foca=True), "foca"))
+        else:
+            notes.append("cache-dit DBCache+FoCa skipped: this cache-dit has no FoCaCalibratorConfig")
     except ImportError:
         notes.append("cache-dit peers skipped: cache-dit is not installed (pip install dcache[peers])")
     try:

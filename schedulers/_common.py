@@ -31,6 +31,9 @@ class PolicyEnv:
     attention_kinds: tuple[str, ...] = ()
     # Why the model has no true CFG (guidance-distilled), or None.
     guidance_distilled: str | None = None
+    # The denoiser's class and a hash of its config: identity for files measured on one model.
+    model_class: str = ""
+    config_hash: str = ""
 
 
 class PolicyState:

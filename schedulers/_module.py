@@ -16,6 +16,8 @@ class ModulePolicy(Policy):
     """Decides per step whether module sites are computed or forecast from their history."""
 
     granularity = "module"
+    # True: ``new_site_state(name)`` receives the site's name (``<module name>[<output leaf>]``).
+    named_sites = False
 
     def new_state(self) -> PolicyState:
         raise NotImplementedError

@@ -62,6 +62,12 @@ class _Site:
         self.block_index = block_index
         self.pid = id(policy)
 
+    def _new_state(self, leaf: int) -> Any:
+        # A policy with per-site parameters (HyCa's solver per channel) gets the leaf's name.
+        if getattr(self.policy, "named_sites", False):
+            return self.policy.new_site_state(f"{self.name}[{leaf}]")
+        return self.policy.new_site_state()
+
     def _action(self, run: Any, step: Any) -> Action:
         chain = getattr(self.target, "step_chain", None)
         if chain is not None:
@@ -108,7 +114,7 @@ class _Site:
         if entry is None or entry.structure != structure or entry.signature != sig:
             entry = run.cache[key] = SiteEntry()
             entry.structure = structure
-            entry.states = [None if t is None or not self.is_site else self.policy.new_site_state() for t in leaves]
+            entry.states = [None if t is None or not self.is_site else self._new_state(i) for i, t in enumerate(leaves)]
         entry.signature = sig
         entry.shapes = [None if t is None else (t.shape, t.dtype, t.device) for t in leaves]
         if self.is_site:
