@@ -251,8 +251,10 @@ def small_model(args) -> dict:
         calls[kind] = n[0]
     # Every variant must run every block: this measures hook cost, not skipping.
     assert len(set(calls.values())) == 1, f"a variant skipped work: {calls}"
-    for _ in range(args.small_repeats):
-        for kind in kinds:
+    for r in range(args.small_repeats):
+        # The order rotates every round, so no variant always runs first (a fixed position carried
+        # a few percent of bias on this machine).
+        for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
             setup(kind)
             wall, c = generate()
             times[kind].append(wall)
@@ -265,7 +267,7 @@ def small_model(args) -> dict:
         "params_M": round(sum(p.numel() for p in tr.parameters()) / 1e6, 2),
         "steps": 20,
         "repeats": args.small_repeats,
-        "order": "interleaved: " + ", ".join(kinds) + ", repeated",
+        "order": "interleaved, rotating: " + ", ".join(kinds) + ", then the next round starts one later",
         "median_generation_s": {k: med(v) for k, v in times.items()},
         "spread_generation_s": {k: spread(v) for k, v in times.items()},
         "ratio_to_plain": {k: med(v) / base for k, v in times.items()},
@@ -327,11 +329,10 @@ def per_call(args) -> dict:
     kinds = ["plain", "plain_plus_2pct", "dcache_none"]
     cpu: dict[str, list[float]] = {k: [] for k in kinds}
     for i in range(args.call_rounds):
-        cpu["plain"].append(call(plain, i))
-        spin["on"] = True
-        cpu["plain_plus_2pct"].append(call(plain, i))
+        for kind in kinds[i % 3:] + kinds[:i % 3]:  # rotating order, as in (c)
+            spin["on"] = kind == "plain_plus_2pct"
+            cpu[kind].append(call(hooked if kind == "dcache_none" else plain, i))
         spin["on"] = False
-        cpu["dcache_none"].append(call(hooked, i))
     out = {}
     for k in kinds[1:]:
         ratios = [a / b for a, b in zip(cpu[k], cpu["plain"])]
@@ -340,7 +341,7 @@ def per_call(args) -> dict:
     return {
         "model": "FluxTransformer2DModel hidden 128, 4+12 blocks, 64 image + 16 text tokens (bare model calls)",
         "rounds": args.call_rounds,
-        "order": "interleaved per call: " + ", ".join(kinds),
+        "order": "interleaved per call, rotating: " + ", ".join(kinds),
         "median_call_cpu_ms_plain": 1e3 * statistics.median(cpu["plain"]),
         "paired_cpu": out,
         "calibration_spin_ms": 1e3 * spin["s"],
