@@ -5,7 +5,9 @@ call the engine counts the scheduler's ``step()`` calls (grouped by the schedule
 Heun's predictor/corrector pair at a repeated timestep is one step), and the calls of the
 denoiser since the last ``step()`` are the guidance branches. The number of steps is the
 pipeline's own loop length (``_num_timesteps``, set after ``strength``/``denoising_end`` have cut
-the schedule). Only a bare model outside any pipeline falls back to the timestep sequence.
+the schedule). Only a bare model outside any pipeline, or a pipeline whose loop never calls
+``scheduler.step()`` (its own solver: a new timestep arrives before any ``step()``), falls back
+to the timestep sequence.
 
 Everything cached lives in ``Run.cache`` and dies with the Run, so nothing leaks from one
 generation to the next and memory returns to its baseline when the Run is closed.
@@ -96,10 +98,16 @@ class Run:
 
     def next_call(self, timestep: float) -> Step:
         """Open the Step of a denoiser call."""
+        if self.loop and self.sub_steps == 0 and self._calls_since_step and timestep != self._last_t:
+            # A new timestep before any scheduler.step(): this loop updates the latents itself
+            # (its own solver). From here on its steps are the timestep changes, as for a bare model.
+            self.loop = False
         if self.loop:
             index, sub = self._loop_step()
             branch = self._calls_since_step
             self._calls_since_step += 1
+            if self.sub_steps == 0 and branch == 0:
+                self._last_t = timestep  # what the first step's later calls are compared with
         else:
             index, sub, branch = self._bare_step(timestep)
         self.step_index = max(self.step_index, index)

@@ -15,6 +15,8 @@ class NoneState(PolicyState):
 
 
 class NonePolicy(StepPolicy):
+    never_reuses = True  # the installers then keep no residual or output for it
+
     def new_state(self) -> NoneState:
         return NoneState()
 

@@ -89,5 +89,6 @@ def test_policy_on_family(family, policy, tiny_pipes, baselines):
         assert calls < base_calls, f"{policy} did not skip the inner layers ({calls} of {base_calls} calls)"
         assert stats["reused"] + stats["forecast"] > 0
         assert 0 < stats["flops_avoided_fraction"] < 1
-    assert stats["cache_bytes"] == 0 and stats["peak_cache_bytes"] > 0
+    # `none` never reuses, so it caches nothing; every other policy held tensors during the run.
+    assert stats["cache_bytes"] == 0 and (stats["peak_cache_bytes"] == 0) == (policy == "none")
     assert torch.equal(run(pipe, kw, attr), base), "disable did not restore the exact original"

@@ -249,7 +249,8 @@ class _Chain:
             out_e = enc if (enc is None or cs.res_e is None) else enc + cs.res_e
             return pack(self.target.adapter.spec(block), hidden + cs.res_h, out_e)
         cs.mode = "compute"
-        cs.capture = True
+        # A policy that never reuses (`none`) keeps no residual: no subtraction, no cached tensor.
+        cs.capture = not getattr(policy, "never_reuses", False)
         cs.step = step
         cs.h_in, cs.e_in = hidden, enc
         run.count("computed", self.site)
