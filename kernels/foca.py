@@ -42,6 +42,8 @@ Both ops are memory-bound: the Triton kernels read each slot once and write in p
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from dcache.kernels._dispatch import use_triton
@@ -120,13 +122,8 @@ def calibrate_torch(hist: torch.Tensor, n_full: int, value: torch.Tensor, gap: f
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
-_kernels = None
-
-
+@functools.cache  # built on first use: importing triton must follow TRITON_INTERPRET
 def _build():
-    global _kernels
-    if _kernels is not None:
-        return _kernels
     import triton
     import triton.language as tl
 
@@ -167,8 +164,7 @@ def _build():
             tl.store(H + n + offs, cur, mask=mask)
             tl.store(H + offs, x.to(H.dtype.element_ty), mask=mask)
 
-    _kernels = (_forecast_kernel, _calibrate_kernel)
-    return _kernels
+    return (_forecast_kernel, _calibrate_kernel)
 
 
 _BLOCK = 1024

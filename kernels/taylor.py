@@ -9,6 +9,8 @@ terms once and writes the new terms in place.
 
 from __future__ import annotations
 
+import functools
+
 import math
 
 import torch
@@ -58,13 +60,8 @@ def update_torch(terms: torch.Tensor, n_valid: int, value: torch.Tensor, distanc
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
-_kernels = None
-
-
+@functools.cache  # built on first use: importing triton must follow TRITON_INTERPRET
 def _build():
-    global _kernels
-    if _kernels is not None:
-        return _kernels
     import triton
     import triton.language as tl
 
@@ -98,8 +95,7 @@ def _build():
             if i < NV:
                 cur = (cur - old) * inv_d
 
-    _kernels = (_forecast_kernel, _update_kernel)
-    return _kernels
+    return (_forecast_kernel, _update_kernel)
 
 
 _BLOCK = 1024

@@ -12,6 +12,8 @@ once and written once instead of a clone followed by an indexed write.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from dcache.kernels._dispatch import use_triton
@@ -41,13 +43,8 @@ def scatter_torch(base: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> t
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
-_kernels = None
-
-
+@functools.cache  # built on first use: importing triton must follow TRITON_INTERPRET
 def _build():
-    global _kernels
-    if _kernels is not None:
-        return _kernels
     import triton
     import triton.language as tl
 
@@ -77,8 +74,7 @@ def _build():
             fresh = tl.load(SRC + src_row * D + offs, mask=mask & take)
             tl.store(OUT + row.to(tl.int64) * D + offs, tl.where(take, fresh, cached), mask=mask)
 
-    _kernels = (_gather_kernel, _merge_kernel)
-    return _kernels
+    return (_gather_kernel, _merge_kernel)
 
 
 _BLOCK_D = 256

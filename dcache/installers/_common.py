@@ -1,4 +1,4 @@
-"""Small helpers shared by installers: stream packing and the batch/shape guard."""
+"""Small helpers shared by installers: stream packing, the batch/shape guard, per-step actions."""
 
 from __future__ import annotations
 
@@ -37,3 +37,13 @@ def input_signature(args: tuple, kwargs: dict) -> tuple:
     sig = [tuple(a.shape[:-1]) for a in args if isinstance(a, torch.Tensor)]
     sig += [(k, tuple(v.shape[:-1])) for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
     return tuple(sig)
+
+
+def step_action(run: Any, step: Any, pid: int, policy: Any) -> Any:
+    """The policy's action for this denoiser call, decided once (by its first site) and shared by
+    every site it hooks; its state is per guidance branch."""
+    act = step.decisions.get(pid)
+    if act is None:
+        state = run.state((pid, "state", step.branch), policy.new_state)
+        act = step.decisions[pid] = policy.action(state, step)
+    return act

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from dcache.installers._common import input_signature
+from dcache.installers._common import input_signature, step_action
 from dcache.schedulers._common import Action
 from dcache.wrapper import CALL
 
@@ -78,11 +78,7 @@ class _Site:
             gate = step.decisions.get((chain.pid, "decision"))
             skipped = gate is not None and not isinstance(gate, torch.Tensor) and not gate
             return Action.FORECAST if skipped else Action.COMPUTE
-        act = step.decisions.get(self.pid)
-        if act is None:
-            state = run.state((self.pid, "state", step.branch), self.policy.new_state)
-            act = step.decisions[self.pid] = self.policy.action(state, step)
-        return act
+        return step_action(run, step, self.pid, self.policy)
 
     def pre(self, args: tuple, kwargs: dict) -> Any:
         run, step = self.target.active()

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from dcache.installers._common import input_signature
+from dcache.installers._common import input_signature, step_action
 from dcache.kernels import token_gather
 from dcache.schedulers._common import Action
 from dcache.schedulers._token import SITE_KINDS, num_tokens
@@ -86,11 +86,7 @@ class _TokenSite:
         self._pending: Any = None  # what ``post`` does with this call: None (full) or (idx, gathered x)
 
     def _action(self, run: Any, step: Any) -> Action:
-        act = step.decisions.get(self.pid)
-        if act is None:
-            state = run.state((self.pid, "state", step.branch), self.policy.new_state)
-            act = step.decisions[self.pid] = self.policy.action(state, step)
-        return act
+        return step_action(run, step, self.pid, self.policy)
 
     def pre(self, args: tuple, kwargs: dict) -> Any:
         self._pending = None
