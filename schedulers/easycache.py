@@ -122,5 +122,5 @@ class EasyCacheConfig:
     def build(self, env: PolicyEnv) -> EasyCachePolicy:
         if not env.has_blocks:
             raise ValueError(f"easycache caches the transformation of a transformer block chain; {env.family} "
-                             "models support: none, static, teacache")
+                             "models support only: none, static, teacache (whole-model steps), deepcache")
         return EasyCachePolicy(self)

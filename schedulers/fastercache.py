@@ -229,7 +229,7 @@ class FasterCacheConfig:
                              "classifier-free guidance (for attention reuse alone use pab)")
         if not env.has_blocks:
             raise ValueError(f"fastercache reuses attention outputs inside transformer blocks; {env.family} "
-                             "models support step-level policies only: none, static, teacache")
+                             "models support only: none, static, teacache (whole-model steps), deepcache")
         kinds = set(env.attention_kinds)
         spatial = 2 if self.attention_skip_range is None else self.attention_skip_range
         if self.temporal_skip_range and "temporal" not in kinds:

@@ -202,7 +202,7 @@ class FBCacheConfig:
 
     def build(self, env: PolicyEnv) -> FBCachePolicy:
         if not env.has_blocks:
-            raise ValueError(f"fbcache needs a transformer block chain; {env.family} models support: none, static, teacache")
+            raise ValueError(f"fbcache needs a transformer block chain; {env.family} models support only: none, static, teacache (whole-model steps), deepcache")
         if self.fn_blocks + self.bn_blocks >= env.num_blocks:
             raise ValueError(
                 f"fbcache: fn_blocks + bn_blocks must be less than the model's {env.num_blocks} blocks, "

@@ -155,6 +155,6 @@ class FoCaConfig:
         if not env.has_blocks:
             raise ValueError(
                 f"foca forecasts module outputs inside transformer blocks; {env.family} models "
-                "support step-level policies only: none, static, teacache"
+                "support only: none, static, teacache (whole-model steps), deepcache"
             )
         return FoCaPolicy(self)

@@ -275,7 +275,7 @@ class HyCaConfig:
         if not env.has_blocks:
             raise ValueError(
                 f"hyca forecasts module outputs inside transformer blocks; {env.family} models "
-                "support step-level policies only: none, static, teacache"
+                "support only: none, static, teacache (whole-model steps), deepcache"
             )
         profile = None
         if self.profile is not None:

@@ -248,7 +248,7 @@ class MagCacheConfig:
     def build(self, env: PolicyEnv) -> MagCachePolicy:
         if not env.has_blocks:
             raise ValueError(f"magcache caches the residual of a transformer block chain; {env.family} models "
-                             "support: none, static, teacache")
+                             "support only: none, static, teacache (whole-model steps), deepcache")
         table = self._table
         if table is None:
             key = table_for(env.family, env.model_id)

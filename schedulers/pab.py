@@ -136,7 +136,7 @@ class PABConfig:
     def build(self, env: PolicyEnv) -> PABPolicy:
         if not env.has_blocks:
             raise ValueError(f"pab broadcasts attention outputs inside transformer blocks; {env.family} models "
-                             "support step-level policies only: none, static, teacache")
+                             "support only: none, static, teacache (whole-model steps), deepcache")
         kinds = getattr(env, "attention_kinds", None)
         if kinds is None:
             raise ValueError("pab needs the adapter's attention kinds (BlockSpec.attention)")

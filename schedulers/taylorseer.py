@@ -133,6 +133,6 @@ class TaylorSeerConfig:
         if not env.has_blocks:
             raise ValueError(
                 f"taylorseer forecasts module outputs inside transformer blocks; {env.family} models "
-                "support step-level policies only: none, static, teacache"
+                "support only: none, static, teacache (whole-model steps), deepcache"
             )
         return TaylorSeerPolicy(self)

@@ -142,5 +142,5 @@ class TocaConfig:
         if not env.has_blocks:
             raise ValueError(
                 f"toca recomputes tokens through attention/MLP inside transformer blocks; {env.family} models "
-                "support step-level policies only: none, static, teacache")
+                "support only: none, static, teacache (whole-model steps), deepcache")
         return TocaPolicy(self)

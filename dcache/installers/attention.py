@@ -163,7 +163,7 @@ def install(target: Any, policy: Any, name: str | None = None) -> int:
     if not target.adapter.has_blocks:
         raise ValueError(
             f"{name or 'this policy'} reuses attention outputs inside transformer blocks; {target.adapter.family} "
-            "models support step-level policies only")
+            "models support only: none, static, teacache (whole-model steps), deepcache")
     check_no_attention_owner(target, name or "this policy")
     kinds = {k for k, r in policy.ranges.items() if r > 0}
     hooked = 0

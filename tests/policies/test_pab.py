@@ -107,7 +107,7 @@ def test_kinds_the_model_lacks(tiny_pipes):
     with dcache.accelerated(pipe, "pab"):  # defaults: cross/temporal off where absent
         pass
     sd, *_ = tiny_pipes("sd_unet")
-    with pytest.raises(ValueError, match="step-level policies only"):
+    with pytest.raises(ValueError, match="support only: none, static, teacache"):
         dcache.accelerate(sd, "pab")
     with pytest.raises(ValueError, match="window"):
         dcache.accelerate(pipe, "pab", window=(0.8, 0.2))
