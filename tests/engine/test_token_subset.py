@@ -209,5 +209,5 @@ def test_families_without_token_sites_are_refused(name, tiny_pipes):
     pipe, _, _, _ = tiny_pipes(name)
     with pytest.raises(ValueError, match="token") as e:
         dcache.accelerate(pipe, "toca")
-    assert "flux" in str(e.value) or "step-level" in str(e.value)
+    assert "flux" in str(e.value) or "none, static, teacache" in str(e.value)  # names what is supported
     assert not hasattr(pipe, "dcache") or pipe.__dict__.get("dcache") is None
