@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from dcache.pipelines.adapters.base import BlockSpec
+from dcache.schedulers._common import Action
 
 
 def pack(spec: BlockSpec, hidden: Any, encoder: Any) -> Any:
@@ -47,3 +48,33 @@ def step_action(run: Any, step: Any, pid: int, policy: Any) -> Any:
         state = run.state((pid, "state", step.branch), policy.new_state)
         act = step.decisions[pid] = policy.action(state, step)
     return act
+
+
+def output_leaves(value: Any, what: str = "a site output") -> tuple[list[torch.Tensor | None], Any]:
+    """A module's output as a flat list of tensors plus its structure, for :func:`rebuild_output`."""
+    if isinstance(value, torch.Tensor):
+        return [value], "tensor"
+    if isinstance(value, (tuple, list)) and all(v is None or isinstance(v, torch.Tensor) for v in value):
+        return list(value), (type(value), len(value))
+    raise TypeError(f"cannot cache {what} of type {type(value).__name__}")
+
+
+def rebuild_output(structure: Any, leaves: list[torch.Tensor | None]) -> Any:
+    if structure == "tensor":
+        return leaves[0]
+    kind, _ = structure
+    return kind(leaves)
+
+
+def cached_entry(site: Any, args: tuple, kwargs: dict) -> tuple[Any, Any, Any] | None:
+    """``(run, step, entry)`` when this call may use the site's cached entry; ``None`` when it must
+    run: no call in progress, the policy computes this step, nothing cached for the branch, or the
+    input's shape differs from the cached one (the guard)."""
+    run, step = site.target.active()
+    if step is None:
+        return None
+    act = site._action(run, step)
+    entry = run.cache.get((site.pid, site.name, step.branch))
+    if act is Action.COMPUTE or entry is None or entry.signature != input_signature(args, kwargs):
+        return None
+    return run, step, entry

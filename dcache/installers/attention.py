@@ -18,24 +18,12 @@ from typing import Any
 
 import torch
 
-from dcache.installers._common import input_signature
+from dcache.installers._common import input_signature, output_leaves, rebuild_output
 from dcache.schedulers._attention import AttentionHistory
 from dcache.wrapper import CALL
 
 # Granularities whose policies hook the attention modules themselves: one of them per model.
 _ATTENTION_OWNERS = ("module",)
-
-
-def _leaves(value: Any) -> tuple[list[torch.Tensor | None], Any]:
-    if isinstance(value, torch.Tensor):
-        return [value], None
-    if isinstance(value, (tuple, list)) and all(v is None or isinstance(v, torch.Tensor) for v in value):
-        return list(value), type(value)
-    raise TypeError(f"cannot cache an attention output of type {type(value).__name__}")
-
-
-def _rebuild(kind: Any, leaves: list) -> Any:
-    return leaves[0] if kind is None else kind(leaves)
 
 
 def half_signature(sig: tuple, parts: int = 2) -> tuple:
@@ -105,7 +93,7 @@ class _AttentionSite:
         run.count("reused", self.name)
         # Priced on the full call's FLOP table: during a half-batch call the module costs half.
         run.avoid(self.name, 1.0 if rows is None else 0.5)
-        return _rebuild(entry.kind, leaves)
+        return rebuild_output(entry.kind, leaves)
 
     def post(self, args: tuple, kwargs: dict, out: Any) -> Any:
         run, step = self.target.active()
@@ -113,7 +101,7 @@ class _AttentionSite:
             return out
         key = (self.pid, self.name, step.branch)
         entry = run.cache.get(key)
-        leaves, kind = _leaves(out)
+        leaves, kind = output_leaves(out, "an attention output")
         leaves = [None if t is None else t.detach() for t in leaves]
         sig = input_signature(args, kwargs)
         half = self._half(run)

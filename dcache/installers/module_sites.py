@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from dcache.installers._common import input_signature, step_action
+from dcache.installers._common import cached_entry, input_signature, output_leaves, rebuild_output, step_action
 from dcache.schedulers._common import Action
 from dcache.wrapper import CALL
 
@@ -39,21 +39,6 @@ class SiteEntry:
 
     def cache_nbytes(self) -> int:
         return sum(s.cache_nbytes() for s in self.states if hasattr(s, "cache_nbytes"))
-
-
-def _leaves(value: Any) -> tuple[list[torch.Tensor | None], Any]:
-    if isinstance(value, torch.Tensor):
-        return [value], "tensor"
-    if isinstance(value, (tuple, list)) and all(v is None or isinstance(v, torch.Tensor) for v in value):
-        return list(value), (type(value), len(value))
-    raise TypeError(f"cannot cache a site output of type {type(value).__name__}")
-
-
-def _rebuild(structure: Any, leaves: list[torch.Tensor | None]) -> Any:
-    if structure == "tensor":
-        return leaves[0]
-    kind, _ = structure
-    return kind(leaves)
 
 
 class _Site:
@@ -81,13 +66,10 @@ class _Site:
         return step_action(run, step, self.pid, self.policy)
 
     def pre(self, args: tuple, kwargs: dict) -> Any:
-        run, step = self.target.active()
-        if step is None:
+        found = cached_entry(self, args, kwargs)
+        if found is None:
             return CALL
-        act = self._action(run, step)
-        entry = run.cache.get((self.pid, self.name, step.branch))
-        if act is Action.COMPUTE or entry is None or entry.signature != input_signature(args, kwargs):
-            return CALL
+        run, step, entry = found
         run.avoid(self.name)
         if self.is_site:
             run.count("forecast", self.name)
@@ -97,7 +79,7 @@ class _Site:
             # empty last dimension keeps every shape check and concatenation valid.
             leaves = [None if sh is None else torch.empty((*sh[0][:-1], 0), dtype=sh[1], device=sh[2])
                       for sh in entry.shapes]
-        return _rebuild(entry.structure, leaves)
+        return rebuild_output(entry.structure, leaves)
 
     def post(self, args: tuple, kwargs: dict, out: Any) -> Any:
         run, step = self.target.active()
@@ -105,7 +87,7 @@ class _Site:
             return out
         key = (self.pid, self.name, step.branch)
         entry = run.cache.get(key)
-        leaves, structure = _leaves(out)
+        leaves, structure = output_leaves(out)
         sig = input_signature(args, kwargs)
         if entry is None or entry.structure != structure or entry.signature != sig:
             entry = run.cache[key] = SiteEntry()

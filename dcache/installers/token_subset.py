@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from dcache.installers._common import input_signature, step_action
+from dcache.installers._common import cached_entry, input_signature, step_action
 from dcache.kernels import token_gather
 from dcache.schedulers._common import Action
 from dcache.schedulers._token import SITE_KINDS, num_tokens
@@ -90,13 +90,10 @@ class _TokenSite:
 
     def pre(self, args: tuple, kwargs: dict) -> Any:
         self._pending = None
-        run, step = self.target.active()
-        if step is None:
+        found = cached_entry(self, args, kwargs)
+        if found is None:
             return CALL
-        act = self._action(run, step)
-        entry = run.cache.get((self.pid, self.name, step.branch))
-        if act is Action.COMPUTE or entry is None or entry.signature != input_signature(args, kwargs):
-            return CALL
+        run, step, entry = found
         if self.kind == "self":
             if self.policy.fraction("self", step) >= 1.0:
                 return CALL
