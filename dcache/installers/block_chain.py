@@ -75,10 +75,7 @@ class _BlockSite:
         if step is None:
             return CALL
         cs = ch.state(run, step)
-        i = self.i
-        if i > ch.last or (i > ch.first and cs.mode == "compute" and not cs.capture and cs.rows is None):
-            return CALL  # nothing to record for this block (policy none, or a call that computes uncached)
-        block, spec, policy = self.block, self.spec, ch.policy
+        block, spec, i, policy = self.block, self.spec, self.i, ch.policy
         hidden = get_arg(block, spec.hidden, args, kwargs)
         enc = get_arg(block, spec.encoder, args, kwargs) if spec.encoder else None
         if i < ch.first:
@@ -86,6 +83,8 @@ class _BlockSite:
                 cs.start = hidden
             if policy.needs_probe and cs.probe is None:
                 cs.probe = ch.target.adapter.teacache_probe(block, args, kwargs)
+            return CALL
+        if i > ch.last:
             return CALL
         if cs.mode == "undecided":
             if i != ch.first:
