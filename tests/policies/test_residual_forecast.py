@@ -194,3 +194,47 @@ def test_residual_order_refusals(tiny_pipes):
     with pytest.raises(ValueError, match="difference_from must be an int"):
         dcache.accelerate(pipe, "fbcache", difference_from=1.5)
     assert "dcache" not in pipe.__dict__
+
+
+@pytest.mark.parametrize("cfg", [False, True], ids=["one-call", "two-call-cfg"])
+def test_static_steps_mask_schedule_and_reuse(cfg):
+    """An explicit schedule: the first step and the last compute whatever the mask says, steps past
+    the mask's end follow ``interval``; a reused step adds the last computed residual (hand check)."""
+    import tiny
+
+    pipe, kw, _, _ = tiny.flux(cfg=cfg)
+    pipe.set_progress_bar_config(disable=True)
+    mask = [0, 0, 1, 0, 0, 0, 1]  # 10 steps: past the end (7..) interval 2 from step 6
+    out, stats, rec = run_recorded(pipe, kw, "static", 0, steps_mask=mask, interval=2)
+    tl = stats["timeline"]
+    for b in range(1 + cfg):
+        idx = [i for i, e in enumerate(tl) if e["branch"] == b]
+        computed = [s for s, i in enumerate(idx) if tl[i]["sites"]["blocks[0:4]"] == "computed"]
+        assert computed == [0, 2, 6, 8, 9]
+        last = None
+        for s, i in enumerate(idx):
+            (h_in, _), (h_out, _) = rec["in"][i], rec["out"][i]
+            if s in computed:
+                last = h_out - h_in
+            else:
+                torch.testing.assert_close(h_out - h_in, last, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"static: steps_mask must be a non-empty list of 0 and 1"):
+        dcache.accelerate(pipe, "static", steps_mask=[1, 2])
+
+
+@pytest.mark.parametrize("ends, want", [(0.0, [0, 1, 4, 6, 9]), (0.4, [0, 1, 3, 7, 9])])
+def test_static_budget_schedule(ends, want):
+    """``budget=5`` of 10 steps, warm-up 2: the steps worked out by hand from the documented warp
+    (u = 1/3, 2/3, 1 mapped onto (1, 9]; at ends=0.4, g(1/3) = 1/3 - 0.4·sin(2π/3)/2π = 0.278)."""
+    import tiny
+
+    pipe, kw, _, _ = tiny.flux(cfg=True)
+    pipe.set_progress_bar_config(disable=True)
+    with dcache.accelerated(pipe, "static", budget=5, warmup_steps=2, ends=ends):
+        torch.manual_seed(0)
+        pipe(num_inference_steps=STEPS, **kw)
+        tl = pipe.dcache.stats()["timeline"]
+    for b in (0, 1):
+        assert [e["step"] for e in tl if e["branch"] == b and e["sites"]["blocks[0:4]"] == "computed"] == want
+    with pytest.raises(ValueError, match=r"static: ends must be in \[0.0, 0.95\]"):
+        dcache.accelerate(pipe, "static", budget=5, ends=1.0)
