@@ -238,3 +238,48 @@ def test_static_budget_schedule(ends, want):
         assert [e["step"] for e in tl if e["branch"] == b and e["sites"]["blocks[0:4]"] == "computed"] == want
     with pytest.raises(ValueError, match=r"static: ends must be in \[0.0, 0.95\]"):
         dcache.accelerate(pipe, "static", budget=5, ends=1.0)
+
+
+@pytest.mark.parametrize("cfg", [False, True], ids=["one-call", "two-call-cfg"])
+@pytest.mark.parametrize("order", [0, 1])
+def test_static_output_level(cfg, order):
+    """level="output": a skipped call runs nothing of the transformer (its input embedder is not
+    called) and returns the branch's last computed output (order 0) or its hand Taylor forecast."""
+    import tiny
+
+    pipe, kw, _, _ = tiny.flux(cfg=cfg)
+    pipe.set_progress_bar_config(disable=True)
+    tr = pipe.transformer
+    outs, embeds = [], []
+    hooks = [tr.register_forward_hook(lambda m, a, o: outs.append((o[0] if isinstance(o, tuple) else o.sample).double().clone())),
+             tr.x_embedder.register_forward_hook(lambda m, a, o: embeds.append(1))]
+    try:
+        with dcache.accelerated(pipe, "static", interval=3, warmup_steps=2, level="output", residual_order=order,
+                                difference_from=0):
+            torch.manual_seed(0)
+            pipe(num_inference_steps=STEPS, **kw)
+            tl = pipe.dcache.stats()["timeline"]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(outs) == len(tl) and len(embeds) == sum("computed" in e["sites"].values() for e in tl)
+    informative = 0
+    for b in range(1 + cfg):
+        idx = [i for i, e in enumerate(tl) if e["branch"] == b]
+        kinds = [tl[i]["sites"]["model"] for i in idx]
+        assert kinds == ["computed", "computed", "reused", "reused", "computed", "reused", "reused", "computed",
+                         "reused", "computed"]
+        hist = []
+        for s, i in enumerate(idx):
+            if kinds[s] == "computed":
+                hist.append((s, outs[i]))
+                continue
+            want = hand_forecast(hist, s, order, 0)
+            torch.testing.assert_close(outs[i], want, atol=1e-5, rtol=1e-4)
+            informative += not torch.allclose(want, hist[-1][1])
+    assert (informative > 1 + cfg) if order else informative == 0
+    with pytest.raises(ValueError, match="level 'output' skips the whole denoiser call"):
+        dcache.accelerate(pipe, ["static", "taylorseer"], static={"level": "output"})
+    with pytest.raises(ValueError, match="level 'output' skips the whole denoiser call"):
+        dcache.accelerate(pipe, ["taylorseer", "static"], static={"level": "output"})
+    assert "dcache" not in pipe.__dict__
