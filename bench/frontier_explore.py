@@ -33,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     specs = [c.strip() for c in args.configs.split(";") if c.strip()]
-    parsed = [policy_spec.parse_policies(c, task="image")[0] for c in specs]  # bad specs fail before any run
+    try:  # bad specs fail before any run, as one line
+        parsed = [policy_spec.parse_policies(c, task="image")[0] for c in specs]
+    except ValueError as e:
+        ap.error(str(e))
 
     target = bench_image.make_target("scenes", args.guidance, "cpu")
     base, base_flops = bench_image._count(target, seeds, args.steps, lambda: None)

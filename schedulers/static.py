@@ -93,13 +93,13 @@ class StaticConfig:
             rest denser at both ends of the loop (``ends``). Needs the loop length (a pipeline
             call); a bare denoiser falls back to ``interval``.
         ends: 0 spaces the budget's steps evenly, towards 1 denser at both ends and sparser in
-            the middle (default 0.4: on the embedded model, 8 steps at 0.4 give 32.3 dB where even
-            spacing gives 31.3; bench/results/frontier).
+            the middle (default 0.4: on the embedded model, 9 steps of 50 at 0.4 give 32.9 dB
+            where even spacing gives 30.9; bench/results/frontier/schedules_seeds0-7.jsonl).
         level: what a skipped step reuses on a model with a block chain: "residual" (the chain's
             residual, added to this step's chain input; the embedders and the output layers
             still run) or "output" (the denoiser's last output: nothing runs, as on a UNet). On
-            the embedded scenes model both give the same fidelity, and "output" is ~20% faster
-            at 9 computed steps of 50 (docs/policies/static.md).
+            the embedded scenes model both give the same fidelity, and "output" takes 11% less
+            wall time at 9 computed steps of 50 (5.82x vs 5.17x; docs/policies/frontier.md).
     """
 
     interval: int = 3

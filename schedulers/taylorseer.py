@@ -120,8 +120,9 @@ class TaylorSeerConfig:
             difference, so the first derivative spans the first computed step at or after it and
             the one before (0, the default, differences from the second computed step on, as the
             reference code). On the embedded model ``difference_from=3`` (the warm-up) lifts
-            ``interval=6`` from 28.9 to 32.2 dB: a difference taken inside the warm-up, where the
-            features change fastest, overshoots when extrapolated over the next interval.
+            ``interval=6`` from 27.3 to 30.9 dB (seeds 0-7, bench/results/frontier): a difference
+            taken inside the warm-up, where the features change fastest, overshoots when
+            extrapolated over the next interval.
     """
 
     interval: int = 5
