@@ -283,3 +283,37 @@ def test_static_output_level(cfg, order):
     with pytest.raises(ValueError, match="level 'output' skips the whole denoiser call"):
         dcache.accelerate(pipe, ["taylorseer", "static"], static={"level": "output"})
     assert "dcache" not in pipe.__dict__
+
+
+@pytest.mark.parametrize("difference_from", [0, 3])
+def test_taylorseer_difference_from(difference_from):
+    """taylorseer's forecast of one site is the hand Taylor forecast of that site's computed
+    values, with no difference formed by computed steps before ``difference_from``."""
+    import tiny
+
+    pipe, kw, _, _ = tiny.flux(cfg=True)
+    pipe.set_progress_bar_config(disable=True)
+    site = pipe.transformer.single_transformer_blocks[0].proj_out
+    name = f"{type(pipe.transformer).__name__}.single_transformer_blocks.0.proj_out"
+    outs = []
+    hook = site.register_forward_hook(lambda m, a, o: outs.append(o.double().clone()))
+    try:
+        with dcache.accelerated(pipe, "taylorseer", interval=3, warmup_steps=2, order=1,
+                                difference_from=difference_from):
+            torch.manual_seed(0)
+            pipe(num_inference_steps=STEPS, **kw)
+            tl = pipe.dcache.stats()["timeline"]
+    finally:
+        hook.remove()
+    for b in (0, 1):
+        idx = [i for i, e in enumerate(tl) if e["branch"] == b]
+        hist, forecasts = [], 0
+        for s, i in enumerate(idx):
+            if tl[i]["sites"][name] == "computed":
+                hist.append((s, outs[i]))
+                continue
+            forecasts += 1
+            torch.testing.assert_close(outs[i], hand_forecast(hist, s, 1, difference_from), atol=1e-5, rtol=1e-4)
+            if s in (2, 3):  # after warm-up steps 0, 1: reuse with difference_from=3, a line with 0
+                assert torch.allclose(outs[i], hist[-1][1]) == (difference_from == 3)
+        assert forecasts >= 4
