@@ -21,6 +21,7 @@ class StepPolicy(Policy):
     ``needs_input`` for the span's input hidden states instead (EasyCache's input change).
     ``per_sample`` (set by configs that offer it) asks for one decision per batch row: ``decide``
     then receives a signal per row and returns a bool tensor of rows to compute.
+    ``residual_order`` (set by configs that offer it) forecasts the skipped span's residual.
     """
 
     granularity = "step"
@@ -29,6 +30,10 @@ class StepPolicy(Policy):
     needs_probe = False
     needs_input = False
     per_sample = False
+    # > 0: skipped steps add a Taylor forecast of the span residual of this order instead of the
+    # last computed residual (dcache.installers._residual).
+    residual_order = 0
+    difference_from = 0  # computed steps before it refresh the forecast's value, not its differences
 
     def new_state(self) -> PolicyState:
         raise NotImplementedError

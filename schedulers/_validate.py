@@ -27,6 +27,14 @@ def check_choice(policy: str, name: str, value: Any, choices: tuple) -> None:
         raise ValueError(f"{policy}: {name} must be one of {choices}, got {value!r}")
 
 
+def check_mask(policy: str, mask: Any) -> list[int]:
+    """A per-step schedule: a non-empty list of 0 and 1 (1 = compute)."""
+    if (not isinstance(mask, (list, tuple)) or not mask
+            or not all(isinstance(m, int) and not isinstance(m, bool) and m in (0, 1) for m in mask)):
+        raise ValueError(f"{policy}: steps_mask must be a non-empty list of 0 and 1 (1 = compute), got {mask!r}")
+    return list(mask)
+
+
 def _check_range(policy: str, name: str, value: float, lo: float | None, hi: float | None) -> None:
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"

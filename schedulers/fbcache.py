@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from dcache.kernels import taylor
 from dcache.kernels.rel_l1 import rel_l1, rel_l1_rows
 from dcache.registry import register_policy
 from dcache.schedulers._base import PolicyEnv, PolicyState, StepPolicy
@@ -58,6 +59,8 @@ class FBCachePolicy(StepPolicy):
         self.head_blocks = config.fn_blocks
         self.tail_blocks = config.bn_blocks
         self.per_sample = config.per_sample
+        self.residual_order = config.residual_order
+        self.difference_from = config.difference_from
         warmup = config.warmup_steps
         if config.steps_mask is not None:
             lead = next((i for i, m in enumerate(config.steps_mask) if m != 1), len(config.steps_mask))
@@ -169,6 +172,14 @@ class FBCacheConfig:
             are cached whatever the distance).
         per_sample: one reference and decision per batch row: changed rows are computed, the
             others reuse (default: one decision for the whole batch).
+        residual_order: 0 reuses the middle blocks' last computed residual on a skipped step
+            (FBCache, DBCache); k > 0 adds its order-k Taylor forecast over the step index from
+            the computed steps instead, as cache-dit's DBCache + TaylorSeer calibrator
+            (``taylorseer_order``; hidden and encoder residuals, per guidance branch). Not with
+            ``per_sample`` or a module forecaster.
+        difference_from: with ``residual_order`` > 0, computed steps before this index refresh
+            the residual but form no difference (default 3, where cache-dit's calibrator forms
+            its first; 0 differences from the second computed step on).
     """
 
     threshold: float = 0.12
@@ -181,6 +192,8 @@ class FBCacheConfig:
     steps_mask: Any = None
     steps_policy: str = "dynamic"
     per_sample: bool = False
+    residual_order: int = 0
+    difference_from: int = 3
 
     def __post_init__(self) -> None:
         check_float("fbcache", "threshold", self.threshold, 0.0)
@@ -199,6 +212,10 @@ class FBCacheConfig:
                 raise ValueError(f"fbcache: steps_mask must be a non-empty list of 0 and 1 (1 = compute), got {mask!r}")
             self.steps_mask = list(mask)
         check_bool("fbcache", "per_sample", self.per_sample)
+        check_int("fbcache", "residual_order", self.residual_order, 0, taylor.MAX_TERMS - 1)
+        check_int("fbcache", "difference_from", self.difference_from, 0)
+        if self.residual_order and self.per_sample:
+            raise ValueError("fbcache: residual_order forecasts one residual per branch; it cannot be combined with per_sample=True")
 
     def build(self, env: PolicyEnv) -> FBCachePolicy:
         if not env.has_blocks:

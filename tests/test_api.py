@@ -56,7 +56,7 @@ def test_unknown_policy_names_accepted_values(tiny_pipes):
         ("fbcache", {"threshold": -1.0}, r"threshold must be in \[0.0, inf\]"),
         ("teacache", {"coefficients": [1, "a"]}, "coefficients must be 1 to 5 numbers"),
         ("teacache", {"coefficients": "/nonexistent/c.json"}, "cannot read coefficients file"),
-        ("static", {"intervall": 3}, r"unknown option\(s\) \['intervall'\].*accepted: compute_last, interval, warmup_steps"),
+        ("static", {"intervall": 3}, r"unknown option\(s\) \['intervall'\].*accepted: budget, compute_last, difference_from, ends, interval, level, residual_order, steps_mask, warmup_steps"),
     ],
 )
 def test_bad_options(policy, options, pattern, tiny_pipes):

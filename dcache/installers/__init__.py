@@ -45,8 +45,9 @@ def installer_for(granularity: str) -> Installer | None:
 
 
 def _step(target: Any, policy: Any) -> int:
-    # A block chain when the adapter has one, the whole denoiser call otherwise.
-    if target.adapter.has_blocks:
+    # A block chain when the adapter has one (unless the policy asks for the whole call), the
+    # whole denoiser call otherwise.
+    if target.adapter.has_blocks and getattr(policy, "level", "residual") != "output":
         return block_chain.install(target, policy)
     return whole_model.install(target, policy)
 

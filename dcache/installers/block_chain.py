@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from dcache.installers._common import pack, same_shape, unpack
+from dcache.installers._residual import ResidualHistory
 from dcache.pipelines.adapters.base import BlockSpec, get_arg
 from dcache.wrapper import CALL, CallWith
 
@@ -39,14 +40,31 @@ class ChainState:
     """Per-branch bookkeeping of one chain (lives in the Run)."""
 
     __slots__ = ("policy_state", "call", "mode", "capture", "start", "probe", "h_in", "e_in", "prev_h", "prev_e",
-                 "ext_h", "ext_e", "res_h", "res_e", "step", "rows", "block_in")
+                 "ext_h", "ext_e", "res_h", "res_e", "step", "rows", "block_in", "hist_h", "hist_e")
 
-    def __init__(self, policy_state: Any) -> None:
+    def __init__(self, policy_state: Any, residual_order: int = 0, difference_from: int = 0) -> None:
         self.policy_state = policy_state
         self.call = -1
         self.res_h: torch.Tensor | None = None
         self.res_e: torch.Tensor | None = None
+        # A gate with its own residual forecaster (``residual_order`` > 0) keeps Taylor terms.
+        self.hist_h = ResidualHistory(residual_order, difference_from) if residual_order else None
+        self.hist_e = ResidualHistory(residual_order, difference_from) if residual_order else None
         self.new_call(-1)
+
+    def forget(self) -> None:
+        """Drop every cached residual (the guard's re-seed)."""
+        self.res_h = self.res_e = None
+        if self.hist_h is not None:
+            order, start = self.hist_h.order, self.hist_h.difference_from
+            self.hist_h, self.hist_e = ResidualHistory(order, start), ResidualHistory(order, start)
+
+    def residuals(self, step: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The residuals a skipped step adds: the last computed ones, or their forecast."""
+        if self.hist_h is None:
+            return self.res_h, self.res_e
+        res_e = self.hist_e.produce(step.index) if self.res_e is not None else None
+        return self.hist_h.produce(step.index), res_e
 
     def new_call(self, call: int) -> None:
         self.call = call
@@ -60,7 +78,10 @@ class ChainState:
 
     def cache_nbytes(self) -> int:
         # Only the residuals and the policy's references outlive a step.
-        own = sum(t.numel() * t.element_size() for t in (self.res_h, self.res_e) if t is not None)
+        if self.hist_h is not None:  # res_h / res_e are views of the histories' first terms
+            own = self.hist_h.cache_nbytes() + self.hist_e.cache_nbytes()
+        else:
+            own = sum(t.numel() * t.element_size() for t in (self.res_h, self.res_e) if t is not None)
         ps = self.policy_state.cache_nbytes() if hasattr(self.policy_state, "cache_nbytes") else 0
         return own + ps
 
@@ -187,7 +208,8 @@ class _Chain:
         key = (self.pid, "chain", step.branch)
         cs = run.cache.get(key)
         if cs is None:
-            cs = run.cache[key] = ChainState(self.policy.new_state())
+            cs = run.cache[key] = ChainState(self.policy.new_state(), getattr(self.policy, "residual_order", 0),
+                                                getattr(self.policy, "difference_from", 0))
         if cs.call != run.calls:
             cs.new_call(run.calls)
         self._current = cs
@@ -232,7 +254,7 @@ class _Chain:
             compute = True
             rows = None
             cs.policy_state.reset()
-            cs.res_h = cs.res_e = None
+            cs.forget()
         if rows is not None:
             cs.mode, cs.capture, cs.step, cs.rows = "compute", True, step, rows
             cs.h_in, cs.e_in = hidden, enc
@@ -246,8 +268,9 @@ class _Chain:
             run.count("reused", self.site)
             for name in self.span_names:
                 run.avoid(name)
-            out_e = enc if (enc is None or cs.res_e is None) else enc + cs.res_e
-            return pack(self.target.adapter.spec(block), hidden + cs.res_h, out_e)
+            res_h, res_e = cs.residuals(step)
+            out_e = enc if (enc is None or res_e is None) else enc + res_e
+            return pack(self.target.adapter.spec(block), hidden + res_h, out_e)
         cs.mode = "compute"
         # A policy that never reuses (`none`) keeps no residual: no subtraction, no cached tensor.
         cs.capture = not getattr(policy, "never_reuses", False)
@@ -269,6 +292,12 @@ class _Chain:
             res_e = cs.prev_e - cs.e_in
             if cs.ext_e is not None:
                 res_e = res_e - cs.ext_e
+        if cs.hist_h is not None:
+            cs.hist_h.store(res_h, step.index)
+            res_h = cs.hist_h.terms[0]
+            if res_e is not None:
+                cs.hist_e.store(res_e, step.index)
+                res_e = cs.hist_e.terms[0]
         cs.res_h, cs.res_e = res_h, res_e
         self.policy.after_compute(cs.policy_state, step, cs.h_in, cs.prev_h)
         cs.capture = False
@@ -305,6 +334,9 @@ def install(target: Any, policy: Any) -> int:
         return 0
     if getattr(policy, "per_sample", False) and any(getattr(p, "granularity", None) == "module" for p in target.policies):
         raise ValueError("per_sample step gates cannot be composed with a module forecaster; drop per_sample or the module policy")
+    if getattr(policy, "residual_order", 0) and any(getattr(p, "granularity", None) == "module" for p in target.policies):
+        raise ValueError("residual_order forecasts the cached span's residual, a module forecaster its sites: "
+                         "use one of them (residual_order=0 with the module policy)")
     chain = _Chain(target, policy)
     for i, block in enumerate(blocks):
         target.hook(block, _BlockSite(chain, i, block, target.adapter.spec(block)))

@@ -108,6 +108,13 @@ def install(target: Any, policy: Any) -> int:
     chain = getattr(target, "step_chain", None)
     if chain is not None and getattr(chain.policy, "per_sample", False):
         raise ValueError("per_sample step gates cannot be composed with a module forecaster; drop per_sample or the module policy")
+    if chain is not None and getattr(chain.policy, "residual_order", 0):
+        raise ValueError("residual_order forecasts the cached span's residual, a module forecaster its sites: "
+                         "use one of them (residual_order=0 with the module policy)")
+    if any(getattr(p, "level", None) == "output" for p in target.policies if p is not policy):
+        from dcache.installers.whole_model import OUTPUT_AND_MODULE
+
+        raise ValueError(OUTPUT_AND_MODULE)
     count = 0
     for index, block in enumerate(target.blocks):
         spec = target.adapter.spec(block)

@@ -2,6 +2,11 @@
 
 An interceptor on the denoiser call: on REUSE the call returns the branch's last computed output
 without running the model. Guard: only an output of the current sample's shape is reused.
+
+Also used on models with a block chain when the step policy asks for it (``static(level="output")``):
+then a skipped step runs nothing of the denoiser, not even its embedders and output projection.
+A policy with ``residual_order`` > 0 gets the Taylor forecast of the output instead of the last
+one (``_residual.ResidualHistory``, per branch).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from typing import Any
 
 import torch
 
+from dcache.installers._residual import ResidualHistory
 from dcache.pipelines.adapters.base import get_arg
 from dcache.wrapper import CALL
 
@@ -47,6 +53,8 @@ class _WholeModel:
         if not compute and cached is not None and (sample is None or cached[0].shape == sample.shape):
             run.count("reused", self.site)
             run.avoid(t.root_name)
+            if len(cached) > 2:
+                return with_sample(cached[1], cached[2].produce(step.index).to(cached[0].dtype))
             return with_sample(cached[1], cached[0])
         if not compute:
             state.reset()  # guard: the batch changed, compute and re-seed
@@ -54,11 +62,26 @@ class _WholeModel:
 
     def after(self, run: Any, step: Any, args: tuple, kwargs: dict, out: Any) -> Any:
         if not getattr(self.policy, "never_reuses", False):
-            run.cache[(self.pid, "output", step.branch)] = (sample_of(out), out)
+            key = (self.pid, "output", step.branch)
+            sample = sample_of(out)
+            order = getattr(self.policy, "residual_order", 0)
+            if order:
+                old = run.cache.get(key)
+                hist = old[2] if old is not None and len(old) > 2 else ResidualHistory(order, self.policy.difference_from)
+                hist.store(sample, step.index)
+                run.cache[key] = (sample, out, hist)
+            else:
+                run.cache[key] = (sample, out)
         run.count("computed", self.site)
         return out
 
 
+OUTPUT_AND_MODULE = ("a step policy at level 'output' skips the whole denoiser call, so a module forecaster "
+                     "has nothing to forecast into: use level='residual' with it, or drop the module policy")
+
+
 def install(target: Any, policy: Any) -> int:
+    if any(getattr(p, "granularity", None) == "module" for p in target.policies):
+        raise ValueError(OUTPUT_AND_MODULE)
     target.interceptors.append(_WholeModel(target, policy))
     return 1
