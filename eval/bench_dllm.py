@@ -24,6 +24,10 @@ What is compared with what:
 
 Timing: ``--repeats`` interleaved rounds (every row but the ablations once per round, in turn), median seconds per
 round and spread (max-min over median) reported; torch threads as ``--threads`` (1 by default).
+``--accuracy-as-round`` counts the accuracy pass's first batch as round 1 of the batch size equal to
+``--accuracy-batch`` (it is the same rows on the same batch, in turn), which halves the cost of
+two rounds where a generation takes minutes (gen length 1024); ``--ablation-problems`` scores the
+ablations on the first N problems only.
 Accuracy is measured once per (length, schedule, row) on ``--problems`` problems in batches of
 ``--accuracy-batch`` (greedy decoding: the batch does not change the tokens), timing on one batch of
 each ``--batch-sizes`` entry. Results: ``OUT/results.json``, ``results.md``, ``meta.json``.
