@@ -416,7 +416,7 @@ def issue_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-COLS = ["gen_length", "batch", "schedule", "row", "accuracy", "nfe", "cached_steps", "token_fraction",
+COLS = ["gen_length", "batch", "schedule", "row", "accuracy", "problems", "nfe", "cached_steps", "token_fraction",
         "seconds", "spread", "cache_speedup", "cache_bound", "parallel_speedup", "total_speedup", "work_ratio",
         "partial_refreshes", "flag"]
 
