@@ -24,6 +24,10 @@ What is compared with what:
 
 Timing: ``--repeats`` interleaved rounds (every row but the ablations once per round, in turn), median seconds per
 round and spread (max-min over median) reported; torch threads as ``--threads`` (1 by default).
+``--accuracy-as-round`` counts the accuracy pass's first batch as round 1 of the batch size equal to
+``--accuracy-batch`` (it is the same rows on the same batch, in turn), which halves the cost of
+two rounds where a generation takes minutes (gen length 1024); ``--ablation-problems`` scores the
+ablations on the first N problems only.
 Accuracy is measured once per (length, schedule, row) on ``--problems`` problems in batches of
 ``--accuracy-batch`` (greedy decoding: the batch does not change the tokens), timing on one batch of
 each ``--batch-sizes`` entry. Results: ``OUT/results.json``, ``results.md``, ``meta.json``.
@@ -118,6 +122,12 @@ def _build_parser() -> argparse.ArgumentParser:
                     help="also run Elastic-Cache's sliding-window schedule (vanilla and elastic rows)")
     ap.add_argument("--problems", type=int, default=32, help="problems for accuracy per (length, schedule, row)")
     ap.add_argument("--accuracy-batch", type=int, default=16)
+    ap.add_argument("--ablation-problems", type=int, default=None,
+                    help="ablations' accuracy on the first N problems only (default: all --problems)")
+    ap.add_argument("--accuracy-as-round", action="store_true",
+                    help="time the accuracy pass's first batch as round 1 of the batch size equal to "
+                         "--accuracy-batch (the same rows on the same batch, in turn), so that batch size "
+                         "runs --repeats - 1 further rounds; saves one generation per row where they are long")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma-separated 'LENGTH:LABEL' cells to skip (too slow here)")
     ap.add_argument("--threads", type=int, default=1)
@@ -152,6 +162,10 @@ def _validate(args: argparse.Namespace) -> tuple[list[tuple[str, dict]], list[st
             raise ValueError(f"gen length {L} is not a positive multiple of --block-length {args.block_length}")
     if any(b < 1 for b in args.batch_sizes):
         raise ValueError(f"--batch-sizes must be >= 1, got {args.batch_sizes}")
+    if args.ablation_problems is not None and not 1 <= args.ablation_problems <= args.problems:
+        raise ValueError(f"--ablation-problems must be in [1, --problems {args.problems}], got {args.ablation_problems}")
+    if any(b > args.problems for b in args.batch_sizes):
+        raise ValueError(f"--batch-sizes {args.batch_sizes}: a batch cannot exceed --problems {args.problems}")
     if args.window_length is not None and args.window_length < 1:
         raise ValueError(f"--window-length must be >= 1, got {args.window_length}")
     return pols, abl, thr
@@ -233,20 +247,36 @@ def main(argv: list[str] | None = None) -> int:
         prompts, mask, _ = task.make_problems(args.problems, gen_length=gen_len, seed=args.seed + gen_len)
         prompts, mask = prompts.to(args.device), mask.to(args.device)
         rows = [r for r in _rows(pols, abl, thresholds, args) if f"{gen_len}:{r.label}" not in skip]
-        # accuracy (and NFE / cache statistics) once per row
+        # a short generation at each batch size first, so no timed run pays one-off costs
+        for bs in args.batch_sizes:
+            _generate(model, Row("vanilla", "vanilla", Schedule(args.block_length)), prompts[:bs], mask[:bs],
+                      args.block_length)
+        round0 = args.accuracy_batch if args.accuracy_as_round and args.accuracy_batch in args.batch_sizes else None
+        times: dict[int, dict[int, list[float]]] = {bs: {} for bs in args.batch_sizes}
+        work: dict[int, dict[int, tuple[int, float | None]]] = {bs: {} for bs in args.batch_sizes}
         acc: dict[int, dict[str, Any]] = {}
-        bar = tqdm(rows, desc=f"accuracy L={gen_len}")
-        for ri, row in enumerate(bar):
+
+        def measure(ri: int, row: Row) -> None:
+            """Accuracy (and NFE / cache statistics) of one row; its first batch may be a timing round."""
+            n = args.problems if row.kind != "ablation" or args.ablation_problems is None else args.ablation_problems
             outs, nfes, stats_all = [], [], []
-            for i in range(0, args.problems, args.accuracy_batch):
-                out, st = _generate(model, row, prompts[i:i + args.accuracy_batch], mask[i:i + args.accuracy_batch], gen_len)
+            for i in range(0, n, args.accuracy_batch):
+                j = min(i + args.accuracy_batch, n)
+                t0 = time.perf_counter()
+                out, st = _generate(model, row, prompts[i:j], mask[i:j], gen_len)
+                dt = time.perf_counter() - t0
+                if i == 0 and j == round0 and row.kind != "ablation" and f"{gen_len}:B{round0}:{row.label}" not in skip:
+                    times[round0][ri] = [dt]
+                    work[round0][ri] = (out.nfe, st["token_fraction_computed"] if st else
+                                        (1.0 if row.kind == "vanilla" else None))
                 outs.append(out.sequences)
                 nfes.append(out.nfe)
                 if st:
                     stats_all.append(st)
             seqs = torch.cat(outs)
-            acc[ri] = {"accuracy": round(task.accuracy(seqs, prompts, mask), 4),
-                       "script_mix": round(task.script_mix(seqs), 4), "nfe": round(statistics.mean(nfes), 1)}
+            acc[ri] = {"accuracy": round(task.accuracy(seqs, prompts[:n], mask[:n]), 4),
+                       "script_mix": round(task.script_mix(seqs), 4), "nfe": round(statistics.mean(nfes), 1),
+                       "problems": n}
             if stats_all:
                 nf = sum(s["nfe"] for s in stats_all)
                 acc[ri]["cached_steps"] = round(sum(s["cached_forwards"] for s in stats_all) / nf, 3)
@@ -255,49 +285,40 @@ def main(argv: list[str] | None = None) -> int:
             elif row.kind == "vanilla":
                 acc[ri]["cached_steps"], acc[ri]["token_fraction"] = 0.0, 1.0
             tqdm.write(f"L={gen_len} {row.schedule.name} {row.label}: {acc[ri]}")
+
+        for ri, row in enumerate(tqdm(list(rows), desc=f"accuracy L={gen_len}")):
+            measure(ri, row)
         # vanilla at the NFE threshold decoding used
         base_nfe = {ri: acc[ri]["nfe"] for ri, r in enumerate(rows)
                     if r.kind == "vanilla" and r.schedule.threshold and r.schedule.window is None}
         n_blocks = gen_len // args.block_length
-        extra = []
         for ri, nfe in base_nfe.items():
             steps = max(n_blocks, int(math.ceil(nfe / n_blocks)) * n_blocks)
             if steps < gen_len:
-                sch = Schedule(args.block_length, None, steps_override=steps)
-                extra.append(Row(f"vanilla(steps={steps})", "vanilla", sch))
-        for row in extra:
-            if f"{gen_len}:{row.label}" in skip:
-                continue
-            rows.append(row)
-            outs, nfes = [], []
-            for i in range(0, args.problems, args.accuracy_batch):
-                out, _ = _generate(model, row, prompts[i:i + args.accuracy_batch], mask[i:i + args.accuracy_batch], gen_len)
-                outs.append(out.sequences)
-                nfes.append(out.nfe)
-            seqs = torch.cat(outs)
-            acc[len(rows) - 1] = {"accuracy": round(task.accuracy(seqs, prompts, mask), 4),
-                                  "script_mix": round(task.script_mix(seqs), 4), "nfe": round(statistics.mean(nfes), 1),
-                                  "cached_steps": 0.0, "token_fraction": 1.0}
+                row = Row(f"vanilla(steps={steps})", "vanilla", Schedule(args.block_length, None, steps_override=steps))
+                if f"{gen_len}:{row.label}" in skip:
+                    continue
+                rows.append(row)
+                measure(len(rows) - 1, row)
         # timing: interleaved rounds over the rows, one batch per batch size
         for bs in args.batch_sizes:
-            if bs > args.problems:
-                raise SystemExit(f"dcache bench --task dllm: batch {bs} exceeds --problems {args.problems}")
             # ablations are there to lose accuracy, not to be timed
             timed = [ri for ri, r in enumerate(rows) if r.kind != "ablation" and f"{gen_len}:B{bs}:{r.label}" not in skip]
-            times: dict[int, list[float]] = {ri: [] for ri in timed}
-            work: dict[int, tuple[int, float | None]] = {}  # nfe and token fraction of the timed batch
             p, m = prompts[:bs], mask[:bs]
-            _generate(model, rows[0], p, m, gen_len)  # warm-up
-            for rep in tqdm(range(args.repeats), desc=f"timing L={gen_len} B={bs}"):
+            # rows without a round from the accuracy pass (skipped there) are run until all have as many
+            done = min((len(times[bs].get(ri, [])) for ri in timed), default=0)
+            for rep in tqdm(range(done, args.repeats), desc=f"timing L={gen_len} B={bs}"):
                 for ri in timed:
+                    if len(times[bs].get(ri, [])) > rep:
+                        continue
                     t0 = time.perf_counter()
                     out, st = _generate(model, rows[ri], p, m, gen_len)
                     if args.device != "cpu":
                         torch.cuda.synchronize()
-                    times[ri].append(time.perf_counter() - t0)
+                    times[bs].setdefault(ri, []).append(time.perf_counter() - t0)
                     tf = st["token_fraction_computed"] if st else (1.0 if rows[ri].kind == "vanilla" else None)
-                    work[ri] = (out.nfe, tf)
-            results += _summarise(rows, acc, times, work, gen_len, bs, args)
+                    work[bs][ri] = (out.nfe, tf)
+            results += _summarise(rows, acc, times[bs], work[bs], gen_len, bs, args)
             _write(results, args, model_dir)
     _print_table(results)
     targets = issue_targets(results)
@@ -395,7 +416,7 @@ def issue_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-COLS = ["gen_length", "batch", "schedule", "row", "accuracy", "nfe", "cached_steps", "token_fraction",
+COLS = ["gen_length", "batch", "schedule", "row", "accuracy", "problems", "nfe", "cached_steps", "token_fraction",
         "seconds", "spread", "cache_speedup", "cache_bound", "parallel_speedup", "total_speedup", "work_ratio",
         "partial_refreshes", "flag"]
 

@@ -7,8 +7,9 @@ i+1 (the AR shift Dream keeps), so the loss reads the logits one slot to the lef
 
 Generation lengths are drawn per batch (24-128, 256, 512, 1024) with about the same number of
 tokens per batch, so the copy-from-16-back rule is seen at the distances the bench uses.
-The best checkpoint by held-out accuracy is written to ``--out`` after every evaluation, with
-``training.json`` (config, args, history), so a stopped run leaves usable weights.
+The best checkpoint by its worst held-out accuracy over the long evaluation set (``--evals`` +
+``--long-evals``, every third evaluation) is written to ``--out`` with ``training.json`` (config,
+args, history), so a stopped run leaves usable weights; the other evaluations are only logged.
 
 Run (one CPU thread; the shipped models' commands are in their ``training.json``)::
 
@@ -40,6 +41,41 @@ DREAM_CONFIG = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2
                     rope_theta=10000.0, mask_token_id=task.MASK, eos_token_id=task.EOS,
                     pad_token_id=task.PAD, bos_token_id=task.BOS)
 LENGTHS = ((0.45, None), (0.25, 256), (0.2, 512), (0.1, 1024))  # None: uniform in [24, 128]
+DEFAULT_LENGTHS = "short:0.45,256:0.25,512:0.2,1024:0.1"
+
+
+def parse_lengths(spec: str) -> tuple[tuple[float, int | None], ...]:
+    """``"short:0.45,256:0.25,..."`` → ((share, gen length or None for short), ...), shares summing to 1."""
+    out = []
+    try:
+        for item in spec.split(","):
+            name, share = item.split(":")
+            L = None if name.strip() == "short" else int(name)
+            if (L is not None and L < 1) or float(share) < 0:
+                raise ValueError
+            out.append((float(share), L))
+    except ValueError:
+        raise ValueError(f"--lengths takes 'short:P,256:P,...' (gen lengths or 'short' = 24-128, shares >= 0 "
+                         f"summing to 1), got {spec!r}") from None
+    if abs(sum(p for p, _ in out) - 1.0) > 1e-6:
+        raise ValueError(f"--lengths shares must sum to 1, got {spec!r}")
+    return tuple(out)
+
+
+def parse_evals(spec: str) -> tuple[tuple[int, int, float | None], ...]:
+    """``"64:24,1024:8@0.9"`` → ((gen length, problems, threshold or None), ...)."""
+    out = []
+    try:
+        for item in spec.split(","):
+            head, _, thr = item.partition("@")
+            L, n = head.split(":")
+            out.append((int(L), int(n), float(thr) if thr else None))
+            if out[-1][0] < 1 or out[-1][1] < 1 or out[-1][0] % 32:
+                raise ValueError
+    except ValueError:
+        raise ValueError(f"evaluation specs take 'GEN:PROBLEMS[@THRESHOLD],...' with GEN a multiple of 32, "
+                         f"got {spec!r}") from None
+    return tuple(out)
 
 
 def build(family: str):
@@ -48,9 +84,10 @@ def build(family: str):
     return DreamModel(DreamConfig(**DREAM_CONFIG)), DREAM_CONFIG
 
 
-def batch(tokens: int, g: torch.Generator, max_gen: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def batch(tokens: int, g: torch.Generator, max_gen: int,
+          lengths: tuple[tuple[float, int | None], ...] = LENGTHS) -> tuple[torch.Tensor, torch.Tensor, int]:
     r, acc, gen = torch.rand((), generator=g).item(), 0.0, None
-    for p, L in LENGTHS:
+    for p, L in lengths:
         acc += p
         if r < acc:
             gen = L
@@ -120,14 +157,20 @@ def stale_cache_loss_fn(model, x: torch.Tensor, am: torch.Tensor, plen: int, g: 
 
 
 @torch.no_grad()
-def evaluate(model, count: int, gen_length: int, seed: int = 12345) -> float:
+def evaluate(model, count: int, gen_length: int, seed: int = 12345, threshold: float | None = None) -> float:
     model.eval()
     prompts, pmask, _ = task.make_problems(count, gen_length=gen_length, seed=seed)
     fn = llada_generate if model.logits_shift == 0 else dream_generate
     kw = dict(gen_length=gen_length) if model.logits_shift == 0 else dict(max_new_tokens=gen_length)
+    if threshold is not None:
+        kw["threshold"] = threshold
     out = fn(model, prompts, pmask, block_length=32, steps=gen_length, **kw)
     model.train()
     return task.accuracy(out.sequences, prompts, pmask)
+
+
+def _eval_key(L: int, thr: float | None) -> str:
+    return f"acc_gen{L}" + ("" if thr is None else f"_thr{thr:g}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,16 +178,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--family", choices=("llada", "dream"), default="llada")
     ap.add_argument("--out", required=True)
     ap.add_argument("--minutes", type=float, default=30.0)
+    ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: time only)")
     ap.add_argument("--tokens", type=int, default=3072, help="tokens per batch")
     ap.add_argument("--max-gen", type=int, default=1024, help="longest training generation length")
+    ap.add_argument("--lengths", default=DEFAULT_LENGTHS,
+                    help="share of batches per generation length, 'short' = uniform 24-128")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--evals", default="64:24", help="evaluated every --eval-every steps: GEN:PROBLEMS[@THR],...")
+    ap.add_argument("--long-evals", default="256:8", help="added at every third evaluation")
+    ap.add_argument("--final-evals", default="64:32,256:16", help="evaluated once at the end")
     ap.add_argument("--init", default=None, help="continue from the weights in this directory")
     ap.add_argument("--stale-frac", type=float, default=0.0,
                     help="share of steps trained as a block step over a stale cache (stale_cache_loss_fn)")
     args = ap.parse_args(argv)
+    try:
+        lengths = parse_lengths(args.lengths)
+        evals, long_evals, final_evals = (parse_evals(v) for v in (args.evals, args.long_evals, args.final_evals))
+    except ValueError as e:
+        ap.error(str(e))
+    if args.init and not os.path.isfile(os.path.join(args.init, "model.safetensors")):
+        ap.error(f"--init takes a directory holding model.safetensors and config.json, got {args.init!r}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed + 1)
@@ -167,14 +223,17 @@ def main(argv: list[str] | None = None) -> int:
     history: list[dict] = []
     os.makedirs(args.out, exist_ok=True)
 
-    def record(acc64: float, acc256: float | None) -> None:
+    def record(specs, candidate: bool) -> None:
         nonlocal best
+        accs = {_eval_key(L, thr): evaluate(model, n, L, threshold=thr) for L, n, thr in specs}
         el = time.time() - t0
-        history.append({"step": step, "minutes": round(el / 60, 2), "loss": round(ema, 4), "acc_gen64": acc64,
-                        "acc_gen256": acc256})
-        print(f"eval step {step} t {el / 60:.1f}m acc gen64 {acc64:.3f} gen256 {acc256}", flush=True)
-        score = acc64 if acc256 is None else min(acc64, acc256)
-        saved = score >= best
+        history.append({"step": step, "minutes": round(el / 60, 2), "loss": None if ema is None else round(ema, 4),
+                        **accs})
+        print(f"eval step {step} t {el / 60:.1f}m " + " ".join(f"{k} {v:.3f}" for k, v in accs.items()), flush=True)
+        # a checkpoint is as good as its worst length, so only evaluations that include the long
+        # lengths may replace the saved one (a gen-64 score alone says nothing about gen 1024)
+        score = min(accs.values())
+        saved = candidate and score >= best
         if saved:
             best = score
             model.save_pretrained(args.out)
@@ -182,15 +241,16 @@ def main(argv: list[str] | None = None) -> int:
         with open(os.path.join(args.out, "training.json"), "w") as f:
             json.dump({"family": args.family, "config": cfg, "args": vars(args), "params": n_params,
                        "objective": "LLaDA SFT masked-diffusion loss (prompt never masked)",
-                       "eval": "held-out problems, block 32, one token per step, low-confidence / maskgit_plus",
+                       "eval": "held-out problems (seed 12345), block 32, one token per step unless @threshold, "
+                               "low-confidence / maskgit_plus",
                        "history": history, "previous_runs": previous}, f, indent=1)
 
-    while time.time() - t0 < budget:
+    while time.time() - t0 < budget and (args.max_steps is None or step < args.max_steps):
         frac = (time.time() - t0) / budget
         lr = args.lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         for pg in opt.param_groups:
             pg["lr"] = lr
-        x, am, plen = batch(args.tokens, g, args.max_gen)
+        x, am, plen = batch(args.tokens, g, args.max_gen, lengths)
         if torch.rand((), generator=g).item() < args.stale_frac:
             loss = stale_cache_loss_fn(model, x, am, plen, g)
         else:
@@ -205,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"step {step} t {(time.time() - t0) / 60:.1f}m loss {ema:.4f} lr {lr:.2e} L {x.shape[1]}", flush=True)
         if step % args.eval_every == 0:
             long_eval = step % (3 * args.eval_every) == 0
-            record(evaluate(model, 24, 64), evaluate(model, 8, 256) if long_eval else None)
-    record(evaluate(model, 32, 64), evaluate(model, 16, 256))
+            record(evals + (long_evals if long_eval else ()), candidate=long_eval)
+    record(final_evals, candidate=True)
     return 0
 
 

@@ -98,3 +98,35 @@ def test_issue_targets_need_speed_and_accuracy():
     for r in rows:
         r["accuracy"] = 0.0  # a model that fails the task cannot pass a target at "equal accuracy"
     assert not any(t["pass"] for t in bench_dllm.issue_targets(rows))
+
+
+def test_accuracy_pass_counts_as_a_timing_round(tiny_dir, tmp_path, monkeypatch):
+    calls: dict[tuple[str, str, int], int] = {}
+    real = bench_dllm._generate
+
+    def counting(model, row, prompts, mask, gen_len):
+        key = (row.schedule.name, row.label, gen_len)
+        calls[key] = calls.get(key, 0) + 1
+        return real(model, row, prompts, mask, gen_len)
+
+    monkeypatch.setattr(bench_dllm, "_generate", counting)
+    common = ["--model", tiny_dir, "--gen-lengths", "16", "--block-length", "8", "--problems", "2",
+              "--accuracy-batch", "2", "--repeats", "3", "--policies", "dual-cache", "--ablations", "one-shot",
+              "--thresholds", "none"]
+    bench_dllm.main(common + ["--batch-sizes", "2", "--out", str(tmp_path / "a")])
+    plain = dict(calls)
+    calls.clear()
+    bench_dllm.main(common + ["--batch-sizes", "2", "--accuracy-as-round", "--ablation-problems", "1",
+                              "--out", str(tmp_path / "b")])
+    # one accuracy pass + 3 rounds, against one accuracy pass that is round 1 + 2 rounds
+    assert plain[("block8", "dual-cache", 16)] == 4 and calls[("block8", "dual-cache", 16)] == 3
+    assert plain[("block8", "vanilla", 16)] == 4 and calls[("block8", "vanilla", 16)] == 3
+    assert calls[("block8", "one-shot", 16)] == 1  # ablations are never timed
+    rows = {r["row"]: r for r in json.loads((tmp_path / "b" / "results.json").read_text())}
+    assert rows["dual-cache"]["repeats"] == 3 and rows["vanilla"]["repeats"] == 3
+    assert rows["one-shot"]["problems"] == 1 and rows["dual-cache"]["problems"] == 2
+    # the accuracy of the two runs is the same computation
+    a = {r["row"]: r["accuracy"] for r in json.loads((tmp_path / "a" / "results.json").read_text())}
+    assert a["dual-cache"] == rows["dual-cache"]["accuracy"] and a["vanilla"] == rows["vanilla"]["accuracy"]
+    with pytest.raises(SystemExit, match="ablation-problems"):
+        bench_dllm.main(common + ["--ablation-problems", "5", "--out", str(tmp_path / "c")])

@@ -1,6 +1,7 @@
 """The shipped "scripts" reference models can tell a good cache from a broken one.
 
-Default run: gen length 64, 16 problems (seconds). ``-m slow``: gen length 256, 32 problems.
+Default run: gen length 64, 16 problems, and gen length 1024 under threshold decoding, 4 problems
+(seconds). ``-m slow``: gen length 256, 32 problems; gen length 1024 one token per step, 4 problems.
 """
 
 import os
@@ -87,3 +88,28 @@ def test_dream_reference_separates_good_caches_from_broken_decoders(dream_ref):
 @pytest.mark.slow
 def test_llada_reference_at_gen_length_256(llada_ref):
     _check(llada_ref, 256, 32, seed=99, min_vanilla=0.9)
+
+
+def _one_shot_and_threshold_at_1024(model, count, seed):
+    prompts, mask, _ = task.make_problems(count, gen_length=1024, seed=seed)
+    acc, out, st = _gen(model, prompts, mask, 1024, "dual-cache", threshold=0.9)
+    one = run_ablation("one-shot", model, prompts, mask, gen_length=1024, block_length=32, steps=1024)
+    return acc, out, st, task.accuracy(one.sequences, prompts, mask)
+
+
+def test_llada_reference_solves_gen_length_1024_with_threshold_decoding(llada_ref):
+    # the stage-3 weights were trained for gen length 1024 (the stage-2 ones scored 0 there)
+    acc, out, st, one = _one_shot_and_threshold_at_1024(llada_ref, 4, seed=31)
+    assert acc >= 0.75 and out.nfe < 1024 / 8 and st["cached_forwards"] > 0
+    assert one <= acc - 0.2
+
+
+@pytest.mark.slow
+def test_llada_reference_at_gen_length_1024(llada_ref):
+    prompts, mask, _ = task.make_problems(4, gen_length=1024, seed=32)
+    van, _, _ = _gen(llada_ref, prompts, mask, 1024)
+    assert van >= 0.75
+    acc, out, st = _gen(llada_ref, prompts, mask, 1024, "dual-cache", threshold=None)
+    assert out.nfe == 1024 and st["cached_forwards"] > 0 and acc >= van - 0.25 - 1e-9
+    out = run_ablation("frozen-cache", llada_ref, prompts, mask, gen_length=1024, block_length=32, steps=1024)
+    assert task.accuracy(out.sequences, prompts, mask) <= van - 0.2
