@@ -13,10 +13,10 @@ it runs. Configurations use ``dcache bench``'s syntax (``a(k=v)``, ``a+b``), one
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
+from _rows import emit  # bench/ is on sys.path when a bench script runs
 
 from dcache.eval import bench_image, metrics, policy_spec
 
@@ -61,9 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {"config": spec, "source": source, "seeds": seeds, "computed": flops / base_flops,
                "psnr": metrics.psnr(images, base), "ssim": metrics.ssim(images, base),
                "seconds": time.perf_counter() - t0}
-        print(json.dumps(row), flush=True)
-        with open(args.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        emit(row, args.out)
     return 0
 
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 
 import torch
+from _rows import emit  # bench/ is on sys.path when a bench script runs
 
 import dcache
 from dcache.schedulers.static import StaticConfig, StaticPolicy, budget_schedule
@@ -79,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             dcache.disable(target.pipe)
         row = {"config": name, "seeds": seeds, "computed": 1 - stats["flops_avoided_fraction"],
                "psnr": metrics.psnr(images, base), "ssim": metrics.ssim(images, base)}
-        print(json.dumps(row), flush=True)
-        with open(args.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        emit(row, args.out)
     return 0
 
 
