@@ -36,6 +36,20 @@ class PolicyEnv:
     config_hash: str = ""
 
 
+# What a model without a transformer block chain (a UNet) can run: named in every refusal.
+BLOCKLESS_POLICIES = "none, static, teacache (whole-model steps), deepcache"
+
+
+def require_blocks(has_blocks: bool, family: str, what: str) -> None:
+    """Refuse a policy that needs transformer blocks on a model without them, naming what it can run.
+
+    ``what`` says what the policy does there, e.g. "foca forecasts module outputs inside
+    transformer blocks"; the error reads "<what>; <family> models support only: ...".
+    """
+    if not has_blocks:
+        raise ValueError(f"{what}; {family} models support only: {BLOCKLESS_POLICIES}")
+
+
 class PolicyState:
     def reset(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError

@@ -29,6 +29,7 @@ import torch
 
 from dcache.registry import register_policy
 from dcache.schedulers._base import PolicyEnv, PolicyState, StepPolicy
+from dcache.schedulers._common import require_blocks
 from dcache.schedulers._validate import check_bool, check_float, check_int
 
 _EPS = 1e-12
@@ -120,7 +121,5 @@ class EasyCacheConfig:
         check_bool("easycache", "share_decision", self.share_decision)
 
     def build(self, env: PolicyEnv) -> EasyCachePolicy:
-        if not env.has_blocks:
-            raise ValueError(f"easycache caches the transformation of a transformer block chain; {env.family} "
-                             "models support only: none, static, teacache (whole-model steps), deepcache")
+        require_blocks(env.has_blocks, env.family, "easycache caches the transformation of a transformer block chain")
         return EasyCachePolicy(self)

@@ -41,6 +41,7 @@ import torch
 from dcache.registry import register_policy
 from dcache.schedulers._attention import AttentionHistory, AttentionPolicy
 from dcache.schedulers._base import PolicyEnv, PolicyState
+from dcache.schedulers._common import require_blocks
 from dcache.schedulers._validate import check_bool, check_float, check_int
 
 LOW_FREQUENCY_RADIUS = 0.2  # of min(H, W): the reference's circle of radius min(H, W) / 5
@@ -227,9 +228,7 @@ class FasterCacheConfig:
         if env.guidance_distilled:
             raise ValueError(f"fastercache: {env.guidance_distilled}; CFG-Cache needs a model run with true "
                              "classifier-free guidance (for attention reuse alone use pab)")
-        if not env.has_blocks:
-            raise ValueError(f"fastercache reuses attention outputs inside transformer blocks; {env.family} "
-                             "models support only: none, static, teacache (whole-model steps), deepcache")
+        require_blocks(env.has_blocks, env.family, "fastercache reuses attention outputs inside transformer blocks")
         kinds = set(env.attention_kinds)
         spatial = 2 if self.attention_skip_range is None else self.attention_skip_range
         if self.temporal_skip_range and "temporal" not in kinds:

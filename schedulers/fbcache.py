@@ -35,6 +35,7 @@ from dcache.kernels import taylor
 from dcache.kernels.rel_l1 import rel_l1, rel_l1_rows
 from dcache.registry import register_policy
 from dcache.schedulers._base import PolicyEnv, PolicyState, StepPolicy
+from dcache.schedulers._common import require_blocks
 from dcache.schedulers._validate import check_bool, check_choice, check_float, check_int
 
 
@@ -218,8 +219,7 @@ class FBCacheConfig:
             raise ValueError("fbcache: residual_order forecasts one residual per branch; it cannot be combined with per_sample=True")
 
     def build(self, env: PolicyEnv) -> FBCachePolicy:
-        if not env.has_blocks:
-            raise ValueError(f"fbcache needs a transformer block chain; {env.family} models support only: none, static, teacache (whole-model steps), deepcache")
+        require_blocks(env.has_blocks, env.family, "fbcache needs a transformer block chain")
         if self.fn_blocks + self.bn_blocks >= env.num_blocks:
             raise ValueError(
                 f"fbcache: fn_blocks + bn_blocks must be less than the model's {env.num_blocks} blocks, "

@@ -30,6 +30,7 @@ import torch
 from dcache.kernels import foca as foca_ops
 from dcache.registry import register_policy
 from dcache.schedulers._base import Action, ModulePolicy, PolicyEnv, PolicyState
+from dcache.schedulers._common import require_blocks
 from dcache.schedulers._validate import check_bool, check_choice, check_int
 
 DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -152,9 +153,5 @@ class FoCaConfig:
         check_choice("foca", "dtype", self.dtype, tuple(DTYPES))
 
     def build(self, env: PolicyEnv) -> FoCaPolicy:
-        if not env.has_blocks:
-            raise ValueError(
-                f"foca forecasts module outputs inside transformer blocks; {env.family} models "
-                "support only: none, static, teacache (whole-model steps), deepcache"
-            )
+        require_blocks(env.has_blocks, env.family, "foca forecasts module outputs inside transformer blocks")
         return FoCaPolicy(self)

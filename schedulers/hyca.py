@@ -41,6 +41,7 @@ import torch
 from dcache.kernels import foca as foca_ops
 from dcache.registry import register_policy
 from dcache.schedulers._base import Action, PolicyEnv
+from dcache.schedulers._common import require_blocks
 from dcache.schedulers._validate import check_bool, check_choice, check_int
 from dcache.schedulers.foca import DTYPES, FoCaPolicy, FoCaSite, FoCaState, scheduled_compute
 
@@ -272,11 +273,7 @@ class HyCaConfig:
         check_choice("hyca", "dtype", self.dtype, tuple(DTYPES))
 
     def build(self, env: PolicyEnv) -> HyCaPolicy:
-        if not env.has_blocks:
-            raise ValueError(
-                f"hyca forecasts module outputs inside transformer blocks; {env.family} models "
-                "support only: none, static, teacache (whole-model steps), deepcache"
-            )
+        require_blocks(env.has_blocks, env.family, "hyca forecasts module outputs inside transformer blocks")
         profile = None
         if self.profile is not None:
             profile = load_profile(self.profile)

@@ -36,6 +36,7 @@ import torch
 
 from dcache.registry import register_policy
 from dcache.schedulers._base import PolicyEnv, PolicyState, StepPolicy
+from dcache.schedulers._common import require_blocks
 from dcache.schedulers._magcache_tables import FILE_TABLES, MATCH, TABLES
 from dcache.schedulers._validate import check_bool, check_float, check_int
 
@@ -246,9 +247,7 @@ class MagCacheConfig:
         self._table = None if self.mag_ratios is None else load_table(self.mag_ratios, self.interleaved)
 
     def build(self, env: PolicyEnv) -> MagCachePolicy:
-        if not env.has_blocks:
-            raise ValueError(f"magcache caches the residual of a transformer block chain; {env.family} models "
-                             "support only: none, static, teacache (whole-model steps), deepcache")
+        require_blocks(env.has_blocks, env.family, "magcache caches the residual of a transformer block chain")
         table = self._table
         if table is None:
             key = table_for(env.family, env.model_id)

@@ -31,6 +31,7 @@ from typing import Any
 from dcache.registry import register_policy
 from dcache.schedulers._attention import AttentionHistory, AttentionPolicy
 from dcache.schedulers._base import PolicyEnv, PolicyState
+from dcache.schedulers._common import require_blocks
 from dcache.schedulers._validate import check_bool, check_float, check_int
 
 # VideoSys' Open-Sora pyramid (caching-algorithms.md §7, PAB).
@@ -134,9 +135,7 @@ class PABConfig:
         return ranges
 
     def build(self, env: PolicyEnv) -> PABPolicy:
-        if not env.has_blocks:
-            raise ValueError(f"pab broadcasts attention outputs inside transformer blocks; {env.family} models "
-                             "support only: none, static, teacache (whole-model steps), deepcache")
+        require_blocks(env.has_blocks, env.family, "pab broadcasts attention outputs inside transformer blocks")
         kinds = getattr(env, "attention_kinds", None)
         if kinds is None:
             raise ValueError("pab needs the adapter's attention kinds (BlockSpec.attention)")

@@ -21,6 +21,7 @@ import torch
 from dcache.kernels import taylor
 from dcache.registry import register_policy
 from dcache.schedulers._base import Action, ModulePolicy, PolicyEnv, PolicyState
+from dcache.schedulers._common import require_blocks
 from dcache.schedulers._validate import check_bool, check_choice, check_int
 
 _DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -141,9 +142,5 @@ class TaylorSeerConfig:
         check_int("taylorseer", "difference_from", self.difference_from, 0)
 
     def build(self, env: PolicyEnv) -> TaylorSeerPolicy:
-        if not env.has_blocks:
-            raise ValueError(
-                f"taylorseer forecasts module outputs inside transformer blocks; {env.family} models "
-                "support only: none, static, teacache (whole-model steps), deepcache"
-            )
+        require_blocks(env.has_blocks, env.family, "taylorseer forecasts module outputs inside transformer blocks")
         return TaylorSeerPolicy(self)

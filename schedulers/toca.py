@@ -35,6 +35,7 @@ import torch
 
 from dcache.registry import register_policy
 from dcache.schedulers._base import Action, PolicyEnv, PolicyState
+from dcache.schedulers._common import require_blocks
 from dcache.schedulers._token import TokenPolicy
 from dcache.schedulers._validate import check_bool, check_choice, check_float, check_int
 
@@ -139,8 +140,5 @@ class TocaConfig:
         check_bool("toca", "compute_last", self.compute_last)
 
     def build(self, env: PolicyEnv) -> TocaPolicy:
-        if not env.has_blocks:
-            raise ValueError(
-                f"toca recomputes tokens through attention/MLP inside transformer blocks; {env.family} models "
-                "support only: none, static, teacache (whole-model steps), deepcache")
+        require_blocks(env.has_blocks, env.family, "toca recomputes tokens through attention/MLP inside transformer blocks")
         return TocaPolicy(self)

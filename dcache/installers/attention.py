@@ -20,6 +20,7 @@ import torch
 
 from dcache.installers._common import input_signature, output_leaves, rebuild_output
 from dcache.schedulers._attention import AttentionHistory
+from dcache.schedulers._common import require_blocks
 from dcache.wrapper import CALL
 
 # Granularities whose policies hook the attention modules themselves: one of them per model.
@@ -148,10 +149,8 @@ def check_no_attention_owner(target: Any, policy_name: str) -> None:
 
 def install(target: Any, policy: Any, name: str | None = None) -> int:
     name = name or getattr(policy, "name", None)
-    if not target.adapter.has_blocks:
-        raise ValueError(
-            f"{name or 'this policy'} reuses attention outputs inside transformer blocks; {target.adapter.family} "
-            "models support only: none, static, teacache (whole-model steps), deepcache")
+    require_blocks(target.adapter.has_blocks, target.adapter.family,
+                   f"{name or 'this policy'} reuses attention outputs inside transformer blocks")
     check_no_attention_owner(target, name or "this policy")
     kinds = {k for k, r in policy.ranges.items() if r > 0}
     hooked = 0
