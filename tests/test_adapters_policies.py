@@ -13,6 +13,8 @@ import dcache
 
 STEPS = 8
 FAMILIES = ["flux", "sd3", "pixart", "dit", "wan", "cogvideox", "hunyuan_video", "ltx", "qwenimage", "sd_unet"]
+# The adapters with a transformer block chain (policies that hook blocks run on these).
+BLOCK_FAMILIES = [f for f in FAMILIES if f != "sd_unet"]
 # Options chosen so every policy skips on these random models.
 POLICIES = {
     "none": {},

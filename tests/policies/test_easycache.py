@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import dcache
+from test_adapters_policies import BLOCK_FAMILIES as FAMILIES  # tests/ is on sys.path (conftest)
 
 STEPS = 12
 
@@ -121,7 +122,6 @@ def test_disable_is_exact_and_errors(flux_cfg, tiny_pipes):
         dcache.accelerate(pipe, "easycache", threshold=-1)
 
 
-FAMILIES = ["flux", "sd3", "pixart", "dit", "wan", "cogvideox", "hunyuan_video", "ltx", "qwenimage"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

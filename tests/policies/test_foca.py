@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import dcache
+from test_adapters_policies import BLOCK_FAMILIES as FAMILIES  # tests/ is on sys.path (conftest)
 from dcache.kernels import foca as ops
 from dcache.run import Step
 from dcache.schedulers._common import Action, PolicyEnv
@@ -225,7 +226,6 @@ def test_batched_cfg_forecast_is_the_hand_recursion(tiny_pipes):
     assert checked == 5
 
 
-FAMILIES = ["flux", "sd3", "pixart", "dit", "wan", "cogvideox", "hunyuan_video", "ltx", "qwenimage"]
 STEPS = 8
 
 

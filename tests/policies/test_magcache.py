@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import dcache
+from test_adapters_policies import BLOCK_FAMILIES as FAMILIES  # tests/ is on sys.path (conftest)
 from dcache.schedulers._magcache_tables import TABLES
 
 STEPS = 10
@@ -163,7 +164,6 @@ def test_batched_cfg_uses_the_cond_table(tiny_pipes):
     assert got == [hand_mask(COND, STEPS, 0.1, 3, 0.2), []]
 
 
-FAMILIES = ["flux", "sd3", "pixart", "dit", "wan", "cogvideox", "hunyuan_video", "ltx", "qwenimage"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
