@@ -54,17 +54,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from dcache.eval.bench_image import scene_prompts
-    from dcache.pipelines.zoo.scenes import load_scenes_pipeline
+    from dcache.eval.bench_image import make_target
 
-    pipe = load_scenes_pipeline(device="cpu")
-    pipe.set_progress_bar_config(disable=True)
+    target = make_target("scenes", 4.0, "cpu")
+    pipe = target.pipe
     seeds = [int(s) for s in args.seeds.split(",")]
 
     def generate() -> torch.Tensor:
-        gens = [torch.Generator().manual_seed(s) for s in seeds]
-        return pipe(scene_prompts(seeds), num_inference_steps=args.steps, guidance_scale=4.0, generator=gens,
-                    output_type="pt").images
+        return target.generate(seeds, args.steps)
 
     def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((10 * torch.log10(1 / ((a - b) ** 2).flatten(1).mean(1))).mean())

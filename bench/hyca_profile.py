@@ -30,16 +30,13 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=4.0)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    from dcache.eval.bench_image import scene_prompts
-    from dcache.pipelines.zoo.scenes import load_scenes_pipeline
+    from dcache.eval.bench_image import make_target
 
-    pipe = load_scenes_pipeline(device="cpu")
-    pipe.set_progress_bar_config(disable=True)
+    target = make_target("scenes", args.guidance, "cpu")
     seeds = [int(s) for s in args.seeds.split(",")]
-    with dcache.accelerated(pipe, "hyca", profile_out=args.out, interval=args.interval,
+    with dcache.accelerated(target.pipe, "hyca", profile_out=args.out, interval=args.interval,
                             warmup_steps=args.warmup_steps, group_size=args.group_size):
-        pipe(scene_prompts(seeds), num_inference_steps=args.steps, guidance_scale=args.guidance,
-             generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="pt")
+        target.generate(seeds, args.steps)
     print(f"wrote {args.out}")
 
 
