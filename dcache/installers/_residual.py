@@ -30,6 +30,10 @@ class ResidualHistory:
     def __init__(self, order: int, difference_from: int = 0) -> None:
         self.order = order
         self.difference_from = difference_from
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every stored residual (the next store starts a new history)."""
         self.terms: torch.Tensor | None = None
         self.n_valid = 0
         self.last_step = 0

@@ -56,8 +56,8 @@ class ChainState:
         """Drop every cached residual (the guard's re-seed)."""
         self.res_h = self.res_e = None
         if self.hist_h is not None:
-            order, start = self.hist_h.order, self.hist_h.difference_from
-            self.hist_h, self.hist_e = ResidualHistory(order, start), ResidualHistory(order, start)
+            self.hist_h.reset()
+            self.hist_e.reset()
 
     def residuals(self, step: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The residuals a skipped step adds: the last computed ones, or their forecast."""
