@@ -168,6 +168,7 @@ def _drop_uncond_at(step):
 @pytest.mark.parametrize("family, policy, options, inputs", [
     ("sd3", "taylorseer", {"interval": 3, "warmup_steps": 1}, ["prompt_embeds", "pooled_prompt_embeds"]),
     ("sd3", "static", {"interval": 3}, ["prompt_embeds", "pooled_prompt_embeds"]),
+    ("sd3", "static", {"interval": 3, "residual_order": 1, "difference_from": 0}, ["prompt_embeds", "pooled_prompt_embeds"]),
     ("sd_unet", "static", {"interval": 3}, ["prompt_embeds"]),
 ])
 def test_batch_change_mid_run_computes_and_reseeds(family, policy, options, inputs, tiny_pipes):
