@@ -32,17 +32,15 @@ _BUSY = "while True:\n    pass\n"
 
 
 def _phase(target, seeds, steps, policy, opts, rounds):
-    import dcache
     from dcache.eval import bench_image
 
     def one(cached: bool) -> float:
-        if cached:
-            dcache.accelerate(target.pipe, policy.split("+") if "+" in policy else policy, **opts)
+        teardown = bench_image._dcache_setup(target.pipe, policy, opts)[1] if cached else None
         try:
             return bench_image._time(target, seeds, steps, lambda: None)[1]
         finally:
-            if cached:
-                dcache.disable(target.pipe)
+            if teardown is not None:
+                teardown(target.pipe)
 
     base, pol, ratios = [], [], []
     for r in range(rounds):
