@@ -54,3 +54,59 @@ def test_length_mix_is_sampled_as_given():
     gens = [train_scripts.batch(3072, g, 1024, mix)[0].shape[1] - task.PROMPT_MAX for _ in range(400)]
     long = sum(x == 1024 for x in gens) / len(gens)
     assert 0.65 < long < 0.85 and all(24 <= x <= 128 or x == 1024 for x in gens)
+
+
+class _Recorder(torch.nn.Module):
+    """Wraps a model and keeps the token canvases it is run on."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.seen = model, []
+        self.logits_shift = model.logits_shift
+
+    def forward(self, ids, *a, **kw):
+        self.seen.append(ids.clone())
+        return self.model(ids, *a, **kw)
+
+
+@pytest.mark.parametrize("last_share", [0.0, 1.0])
+def test_block_loss_runs_on_a_clean_prefix_a_partly_masked_block_and_a_masked_suffix(last_share):
+    torch.manual_seed(0)
+    model = _Recorder(train_scripts.build("llada")[0])
+    g = torch.Generator().manual_seed(3)
+    x, am, plen = train_scripts.batch(3072, g, 256, train_scripts.parse_lengths("256:1"))
+    starts = set()
+    for _ in range(12):
+        loss = train_scripts.block_loss_fn(model, x, am, plen, g, last_share=last_share)
+        canvas = model.seen[-1]
+        masked = canvas == task.MASK
+        assert torch.equal(canvas[~masked], x[~masked]) and not masked[:, :plen].any()
+        first = int(masked.any(0).nonzero()[0])  # the block's start: every answer slot before it is clean
+        s = plen + (first - plen) // 32 * 32
+        assert masked[:, s + 32:].all() and not masked[:, :s].any()
+        assert 0 < masked[:, s:s + 32].sum() <= masked[:, s:s + 32].numel()
+        starts.add(s)
+        assert torch.isfinite(loss) and loss > 0
+    assert starts == {plen + 256 - 32} if last_share == 1.0 else len(starts) > 2
+    loss.backward()
+    assert all(p.grad is not None for p in model.model.parameters() if p.requires_grad)
+
+
+def test_last_block_probe_scores_the_shipped_model_and_fails_a_broken_one():
+    from dcache.pipelines.dllm.modeling import LLaDAModelLM
+
+    model = LLaDAModelLM.from_pretrained(_shipped())
+    assert train_scripts.evaluate(model, 8, 64, threshold=train_scripts.LAST) == 1.0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.0)  # uniform logits: the greedy choice is token 0, never the answer
+    assert train_scripts.evaluate(model, 8, 64, threshold=train_scripts.LAST) == 0.0
+    assert train_scripts.parse_evals("1024:8@last,64:4@0.9") == ((1024, 8, "last"), (64, 4, 0.9))
+    assert train_scripts._eval_key(1024, "last") == "acc_gen1024_last"
+
+
+@pytest.mark.parametrize("args", [["--stale-frac", "0.7", "--block-frac", "0.5"], ["--block-frac", "-0.1"]])
+def test_loss_shares_must_fit_in_one(tmp_path, capsys, args):
+    with pytest.raises(SystemExit) as e:
+        train_scripts.main(["--out", str(tmp_path / "x")] + args)
+    assert e.value.code == 2 and "summing to at most 1" in capsys.readouterr().err
