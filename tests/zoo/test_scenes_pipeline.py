@@ -18,7 +18,7 @@ from dcache.pipelines.zoo.scenes import (
     sample_prompts,
     save_scenes_pipeline,
 )
-from dcache.pipelines.zoo.scenes.model import image_ids, pack, text_ids, unpack
+from dcache.pipelines.zoo.scenes.model import image_ids, pack, unpack
 
 STEPS = 4
 PROMPTS = ["a big red circle left of a small blue square on a black background",
@@ -72,7 +72,7 @@ def _manual_sample(pipe, prompts, seed, steps, guidance):
     x = pack(torch.randn((len(prompts), 3, size, size), generator=torch.Generator().manual_seed(seed)), patch)
     sched = FlowMatchEulerDiscreteScheduler()
     sched.set_timesteps(steps)
-    kw = dict(img_ids=image_ids(size, size, patch), txt_ids=text_ids(tok.length), return_dict=False)
+    kw = dict(img_ids=image_ids(size, size, patch), txt_ids=tok.positions(), return_dict=False)
     for i in range(steps):
         sigma, nxt = sched.sigmas[i], sched.sigmas[i + 1]
         t = sigma.expand(len(prompts))

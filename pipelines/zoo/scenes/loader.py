@@ -18,6 +18,7 @@ from .model import (
     ScenesModelConfig,
     build_text_encoder,
     build_transformer,
+    config_of,
 )
 from .pipeline import FluxScenesPipeline
 
@@ -49,8 +50,8 @@ def load_scenes_pipeline(
     meta = json.loads((root / CONFIG_FILE).read_text())
     if tuple(meta.get("vocabulary", ())) != VOCABULARY:
         raise ValueError(f"{root / CONFIG_FILE} was trained on another vocabulary than {VOCABULARY}")
-    cfg = ScenesModelConfig(**meta["model"])
-    transformer, text_encoder = build_transformer(cfg), build_text_encoder(cfg, SceneTokenizer())
+    cfg = config_of(meta)
+    transformer, text_encoder = build_transformer(cfg), build_text_encoder(cfg, SceneTokenizer(cfg.text_layout, cfg.patch))
     transformer.load_state_dict({k: v.float() for k, v in load_file(str(root / TRANSFORMER_FILE)).items()})
     if weights_dir is None:
         # A checkpoint name, so per-checkpoint tables (MagCache's ratios) recognise the shipped weights.
@@ -60,7 +61,8 @@ def load_scenes_pipeline(
     for module in (transformer, text_encoder):
         torch.nn.Module.to(module, device=device, dtype=dtype).eval()
     return FluxScenesPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
-                              text_encoder=text_encoder, image_size=cfg.image_size, patch=cfg.patch)
+                              text_encoder=text_encoder, image_size=cfg.image_size, patch=cfg.patch,
+                              text_layout=cfg.text_layout)
 
 
 def save_scenes_pipeline(pipe: FluxScenesPipeline, out: str | Path) -> None:
@@ -73,6 +75,7 @@ def save_scenes_pipeline(pipe: FluxScenesPipeline, out: str | Path) -> None:
         num_double_blocks=pipe.transformer.config.num_layers, num_single_blocks=pipe.transformer.config.num_single_layers,
         axes_dims_rope=list(pipe.transformer.config.axes_dims_rope), text_dim=pipe.text_encoder.config.dim,
         text_layers=pipe.text_encoder.config.layers, text_heads=pipe.text_encoder.config.heads,
+        text_layout=pipe.config.text_layout,
     )
     full = lambda m: {k: v.detach().float().cpu().contiguous() for k, v in m.state_dict().items()}
     save_file(full(pipe.transformer), str(out / TRANSFORMER_FILE))

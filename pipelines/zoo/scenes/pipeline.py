@@ -14,7 +14,7 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .grammar import parse_prompt
-from .model import SceneTextEncoder, SceneTokenizer, image_ids, pack, text_ids, unpack
+from .model import SceneTextEncoder, SceneTokenizer, image_ids, pack, unpack
 from .._flow_loop import FlowLoopMixin, flow_cfg_loop
 
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -41,12 +41,13 @@ class FluxScenesPipeline(FlowLoopMixin, DiffusionPipeline):
         text_encoder: SceneTextEncoder,
         image_size: int = 32,
         patch: int = 4,
+        text_layout: str = "slots",
     ):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder)
-        self.register_to_config(image_size=image_size, patch=patch)
+        self.register_to_config(image_size=image_size, patch=patch, text_layout=text_layout)
         # Plain attribute, not a registered module: it holds no weights, only the fixed vocabulary.
-        self.tokenizer = SceneTokenizer()
+        self.tokenizer = SceneTokenizer(text_layout, patch)
         self._current_timestep = None
         self._guidance_scale = 1.0
         self._num_timesteps = 0
@@ -115,7 +116,7 @@ class FluxScenesPipeline(FlowLoopMixin, DiffusionPipeline):
             neg_tokens, neg_pooled = self.text_encoder(self.tokenizer.null(batch, device=device))
             neg_tokens, neg_pooled = neg_tokens.to(dtype), neg_pooled.to(dtype)
         img_ids = image_ids(size, size, patch, device=device, dtype=dtype)
-        txt_ids = text_ids(tokens.shape[1], device=device, dtype=dtype)
+        txt_ids = self.tokenizer.positions(device=device, dtype=dtype)
 
         shape = (batch, (size // patch) ** 2, 3 * patch * patch)
         if latents is None:

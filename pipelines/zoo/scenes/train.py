@@ -21,7 +21,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -36,9 +36,9 @@ from .model import (
     ScenesModelConfig,
     build_text_encoder,
     build_transformer,
+    config_of,
     image_ids,
     pack,
-    text_ids,
 )
 from .render import sample_batch
 
@@ -60,7 +60,8 @@ def evaluate(transformer, text_encoder, cfg: ScenesModelConfig, n: int, steps: i
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     pipe = FluxScenesPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
-                              text_encoder=text_encoder, image_size=cfg.image_size, patch=cfg.patch)
+                              text_encoder=text_encoder, image_size=cfg.image_size, patch=cfg.patch,
+                              text_layout=cfg.text_layout)
     pipe.set_progress_bar_config(disable=True)
     prompts = sample_prompts(n, seed=12345)
     images = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance,
@@ -89,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init", type=Path, default=None,
                    help="start from the weights in this folder (a --out folder or the shipped package "
                         "folder) with a fresh learning-rate schedule; the model config is read from it")
+    p.add_argument("--text-layout", choices=("sequence", "slots"), default="slots",
+                   help="how prompts become text tokens (SceneTokenizer); with --init this may change the "
+                        "layout the weights were trained on (the text encoder's shapes are the same)")
     p.add_argument("--keep-evals", action="store_true",
                    help="also keep a checkpoint per eval under OUT/step_N, to ship the best one")
     args = p.parse_args(argv)
@@ -103,15 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     rng = random.Random(args.seed)
-    tok = SceneTokenizer()
     init_meta = None
     if args.init is not None:
         init_meta = json.loads((args.init / CONFIG_FILE).read_text())
         if tuple(init_meta.get("vocabulary", ())) != VOCABULARY:
             raise SystemExit(f"error: {args.init} was trained on another vocabulary than {VOCABULARY}")
-        cfg = ScenesModelConfig(**init_meta["model"])
+        cfg = replace(config_of(init_meta), text_layout=args.text_layout)
     else:
-        cfg = ScenesModelConfig()
+        cfg = ScenesModelConfig(text_layout=args.text_layout)
+    tok = SceneTokenizer(cfg.text_layout, cfg.patch)
     transformer, text_encoder = build_transformer(cfg).train(), build_text_encoder(cfg, tok).train()
     if args.init is not None:
         # The shipped weights are the EMA weights in float16; training continues from them in float32.
@@ -132,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
     img_ids = image_ids(cfg.image_size, cfg.image_size, cfg.patch)
-    txt_ids = text_ids(tok.length)
+    txt_ids = tok.positions()
     n_params = sum(q.numel() for q in transformer.parameters())
     n_text = sum(q.numel() for q in text_encoder.parameters())
     print(f"transformer params {n_params/1e6:.2f}M, text encoder {n_text/1e6:.3f}M, {vars(args)}", flush=True)
