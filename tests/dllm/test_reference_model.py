@@ -98,10 +98,18 @@ def _one_shot_and_threshold_at_1024(model, count, seed):
 
 
 def test_llada_reference_solves_gen_length_1024_with_threshold_decoding(llada_ref):
-    # the stage-3 weights were trained for gen length 1024 (the stage-2 ones scored 0 there)
+    # stages 3 and 4 were trained for gen length 1024 (the stage-2 weights scored 0 there)
     acc, out, st, one = _one_shot_and_threshold_at_1024(llada_ref, 4, seed=31)
     assert acc >= 0.75 and out.nfe < 1024 / 8 and st["cached_forwards"] > 0
     assert one <= acc - 0.2
+
+
+def test_llada_reference_decodes_the_last_block_at_gen_length_1024_one_token_per_step(llada_ref):
+    # vanilla's hardest block at 1024: every other slot decoded, nothing masked after it. The stage-3
+    # weights got 22 of 32 here (and 5 of 8 end to end); stage 4 trained fresh block steps for it.
+    from dcache.pipelines.dllm.train_scripts import evaluate_last_block
+
+    assert evaluate_last_block(llada_ref, 8, 1024, seed=33) == 1.0
 
 
 @pytest.mark.slow
