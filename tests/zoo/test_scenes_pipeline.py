@@ -173,10 +173,10 @@ def test_diffusers_first_block_cache_runs_per_branch(pipe):
 
 
 # The ground can fail: at 20 steps, a static cache that computes 3 of them (steps 0, 10 and the
-# last) must lose clearly more of the checker's attribute rate than one that computes every other
-# step. The shipped model reaches only ~17% whole-prompt adherence here (see pipelines/zoo/README.md),
-# so the finer attribute rate carries the test; measured on the shipped weights: baseline 0.68,
-# static(interval=2) 0.59, static(interval=10) 0.46.
+# last) must lose at least 20 points of whole-prompt adherence (issue 16's bar for the bench's
+# aggressive setting) and clearly more of the attribute rate than one that computes every other
+# step. Measured on the shipped (leg-4b) weights: whole 0.83 baseline, 0.96 static(interval=2),
+# 0.46 static(interval=10); attribute rate 0.98 / 0.99 / 0.87.
 ABLATION_PROMPTS, ABLATION_STEPS = 24, 20
 
 
@@ -200,19 +200,19 @@ def test_aggressive_cache_loses_adherence_mild_cache_less(pipe):
     base_whole, base = _rates(pipe, prompts)
     _, mild = _rates(pipe, prompts, "static", interval=2)
     aggressive_whole, aggressive = _rates(pipe, prompts, "static", interval=10)
-    assert base >= 0.6
-    assert base - aggressive >= 0.15, (base, aggressive)
-    assert mild - aggressive >= 0.05, (mild, aggressive)
-    assert aggressive_whole <= base_whole
+    assert base_whole >= 0.6 and base >= 0.9, (base_whole, base)
+    assert base_whole - aggressive_whole >= 0.2, (base_whole, aggressive_whole)
+    assert base - aggressive >= 0.05 and mild - aggressive >= 0.05, (base, mild, aggressive)
 
 
 @pytest.mark.slow
 def test_baseline_samples_at_50_steps_get_colours_and_backgrounds_right(pipe):
-    """What the shipped model has learned (shapes and relations it has not: see the README)."""
+    """What the shipped model has learned: every attribute but shape nearly always (see the README)."""
     from dcache.pipelines.zoo.scenes.evaluate import summarise
 
     prompts = sample_prompts(100, seed=2024)
     images = pipe(prompts, num_inference_steps=50, guidance_scale=4.0, output_type="pt",
                   generator=[torch.Generator().manual_seed(i) for i in range(100)]).images
     rates = summarise(check_adherence(images, prompts))
-    assert rates["background"] >= 0.95 and rates["colour"] >= 0.9, rates
+    assert rates["background"] >= 0.95 and rates["colour"] >= 0.95 and rates["relation"] >= 0.95, rates
+    assert rates["size"] >= 0.95 and rates["shape"] >= 0.75 and rates["whole"] >= 0.65, rates
