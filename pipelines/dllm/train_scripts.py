@@ -104,6 +104,11 @@ def batch(tokens: int, g: torch.Generator, max_gen: int,
     return x, am, prompts.shape[1]
 
 
+def _by_slot(model, logits: torch.Tensor) -> torch.Tensor:
+    """Logits indexed by the slot they predict: Dream's slot i-1 predicts token i (the AR shift)."""
+    return torch.cat([logits[:, :1], logits[:, :-1]], 1) if model.logits_shift else logits
+
+
 def loss_fn(model, x: torch.Tensor, am: torch.Tensor, plen: int, g: torch.Generator) -> torch.Tensor:
     B, L = x.shape
     eps = 1e-3
@@ -111,9 +116,7 @@ def loss_fn(model, x: torch.Tensor, am: torch.Tensor, plen: int, g: torch.Genera
     masked = torch.rand(B, L, generator=g) < t
     masked[:, :plen] = False
     noisy = torch.where(masked, torch.full_like(x, task.MASK), x)
-    logits = model(noisy, am.long()).logits
-    if model.logits_shift:
-        logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)  # slot i-1 predicts token i
+    logits = _by_slot(model, model(noisy, am.long()).logits)
     ce = F.cross_entropy(logits[masked], x[masked], reduction="none")
     return (ce / t.expand(B, L)[masked]).sum() / (B * (L - plen))
 
@@ -146,9 +149,7 @@ def stale_cache_loss_fn(model, x: torch.Tensor, am: torch.Tensor, plen: int, g: 
     x_b = torch.where(masked_b, torch.full_like(x, task.MASK), x)
     cache = KVCache()
     shift = model.logits_shift
-    logits_a = model(x_a, am.long(), cache=cache).logits
-    if shift:
-        logits_a = torch.cat([logits_a[:, :1], logits_a[:, :-1]], 1)
+    logits_a = _by_slot(model, model(x_a, am.long(), cache=cache).logits)
     loss_a = F.cross_entropy(logits_a[later], x[later])
     # Dream: slot i-1 predicts token i, so the block's logits come from the slots one to the left
     active = torch.arange(s - shift, e - shift).expand(B, e - s)
@@ -184,9 +185,7 @@ def block_loss_fn(model, x: torch.Tensor, am: torch.Tensor, plen: int, g: torch.
     later[:, e:] = True
     masked = ((torch.rand(B, L, generator=g) < t) & in_block) | later
     noisy = torch.where(masked, torch.full_like(x, task.MASK), x)
-    logits = model(noisy, am.long()).logits
-    if model.logits_shift:
-        logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)
+    logits = _by_slot(model, model(noisy, am.long()).logits)
     m = masked & in_block
     ce = F.cross_entropy(logits[m], x[m], reduction="none")
     loss = (ce / t.expand(B, L)[m]).sum() / (B * (e - s))
@@ -209,10 +208,7 @@ def evaluate_last_block(model, count: int, gen_length: int, seed: int = 12345, b
     canvas[:, s:] = task.MASK
     rows = torch.arange(count)
     for _ in range(x.shape[1] - s):
-        logits = model(canvas, am).logits
-        if model.logits_shift:
-            logits = torch.cat([logits[:, :1], logits[:, :-1]], 1)
-        conf, tok = logits.softmax(-1).max(-1)
+        conf, tok = _by_slot(model, model(canvas, am).logits).softmax(-1).max(-1)
         conf = torch.where(canvas == task.MASK, conf, torch.full_like(conf, -1.0))
         j = conf.argmax(1)
         canvas[rows, j] = tok[rows, j]

@@ -110,3 +110,19 @@ def test_loss_shares_must_fit_in_one(tmp_path, capsys, args):
     with pytest.raises(SystemExit) as e:
         train_scripts.main(["--out", str(tmp_path / "x")] + args)
     assert e.value.code == 2 and "summing to at most 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_the_three_losses_read_each_familys_logits_at_the_slot_they_predict(family):
+    # the shipped weights solve the task, so every loss is near zero on fresh problems, and only if
+    # Dream's logits are read one slot to the left (unshifted, its losses are above 10)
+    from dcache.pipelines.dllm.modeling import DreamModel, LLaDAModelLM
+
+    path = default_model_dir(family)
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        pytest.skip(f"{family} reference weights not shipped in this checkout")
+    model = (LLaDAModelLM if family == "llada" else DreamModel).from_pretrained(path).eval()
+    x, am, plen = train_scripts.batch(3072, torch.Generator().manual_seed(0), 256, train_scripts.parse_lengths("256:1"))
+    with torch.no_grad():
+        for fn in (train_scripts.loss_fn, train_scripts.block_loss_fn, train_scripts.stale_cache_loss_fn):
+            assert fn(model, x, am, plen, torch.Generator().manual_seed(1)).item() < 0.1, fn.__name__
