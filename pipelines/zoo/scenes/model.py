@@ -69,12 +69,9 @@ class ScenesModelConfig:
 
 TEXT_LAYOUTS = ("sequence", "slots")
 
-# Where each object of a relation goes (first, second), by the name of its slot in grammar.SLOTS.
-_SLOT_NAMES = ("centre", "left", "right", "top", "bottom")
-_SLOTS_OF = {None: ("centre",), "left of": ("left", "right"), "right of": ("right", "left"),
-             "above": ("top", "bottom"), "below": ("bottom", "top")}
-_SLOT_CENTRES = {"centre": SLOTS[None][0], "left": SLOTS["left of"][0], "right": SLOTS["left of"][1],
-                 "top": SLOTS["above"][0], "bottom": SLOTS["above"][1]}
+# The distinct slot centres of grammar.SLOTS, in first-seen order (centre, left, right, top,
+# bottom): one 3-token group each in the "slots" layout.
+_GROUP_CENTRES = tuple(dict.fromkeys(c for centres in SLOTS.values() for c in centres))
 
 
 def config_of(meta: dict) -> ScenesModelConfig:
@@ -116,8 +113,8 @@ class SceneTokenizer:
         self.vocabulary = tuple(vocabulary)
         self.max_words = max_words
         self.ids = {w: i + 2 for i, w in enumerate(self.vocabulary)}
-        if layout == "slots" and 1 + 3 * len(_SLOT_NAMES) + 1 > self.length:
-            raise ValueError(f"the slots layout needs {2 + 3 * len(_SLOT_NAMES)} tokens, max_words={max_words} gives {self.length}")
+        if layout == "slots" and 2 + 3 * len(_GROUP_CENTRES) > self.length:
+            raise ValueError(f"the slots layout needs {2 + 3 * len(_GROUP_CENTRES)} tokens, max_words={max_words} gives {self.length}")
 
     @property
     def vocab_size(self) -> int:
@@ -133,10 +130,10 @@ class SceneTokenizer:
             return ids + [self.PAD] * (self.length - len(ids))
         scene = parse_prompt(prompt)  # a ValueError naming the grammar and vocabulary
         ids = [self.SUMMARY] + [self.PAD] * (self.length - 1)
-        for obj, slot in zip(scene.objects, _SLOTS_OF[scene.relation]):
-            at = 1 + 3 * _SLOT_NAMES.index(slot)
+        for obj, centre in zip(scene.objects, SLOTS[scene.relation]):
+            at = 1 + 3 * _GROUP_CENTRES.index(centre)
             ids[at:at + 3] = [self.ids[obj.size], self.ids[obj.colour], self.ids[obj.shape]]
-        ids[1 + 3 * len(_SLOT_NAMES)] = self.ids[scene.background]
+        ids[1 + 3 * len(_GROUP_CENTRES)] = self.ids[scene.background]
         return ids
 
     def positions(self, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -147,8 +144,7 @@ class SceneTokenizer:
             to_patch = lambda v: (v - self.patch / 2) / self.patch
             centre = to_patch(IMAGE_SIZE / 2)
             pos[:, 1:] = centre  # summary, background and padding: the image centre
-            for k, name in enumerate(_SLOT_NAMES):
-                x, y = _SLOT_CENTRES[name]
+            for k, (x, y) in enumerate(_GROUP_CENTRES):
                 pos[1 + 3 * k:4 + 3 * k, 1] = to_patch(y)
                 pos[1 + 3 * k:4 + 3 * k, 2] = to_patch(x)
         return pos
