@@ -37,8 +37,13 @@ class FlowLoopMixin:
 
 
 def flow_cfg_loop(pipe: Any, latents: torch.Tensor, num_inference_steps: int, device: Any, dtype: torch.dtype,
-                  cond: tuple, uncond: tuple | None, img_ids: torch.Tensor, txt_ids: torch.Tensor) -> torch.Tensor:
+                  cond: tuple, uncond: tuple | None, img_ids: torch.Tensor, txt_ids: torch.Tensor,
+                  generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
     """Run ``pipe``'s scheduler over ``latents``; ``cond``/``uncond`` are (tokens, pooled) pairs.
+
+    ``generator`` goes to ``scheduler.step`` too: a stochastic scheduler
+    (``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)``) draws its fresh noise from it,
+    so seeded runs repeat and a batch equals its images generated one by one; Euler ignores it.
 
     ``pipe`` provides ``scheduler``, ``transformer``, ``_velocity``, ``_guidance_scale`` and the
     usual diffusers loop attributes (``interrupt``, ``_current_timestep``, ``_num_timesteps``).
@@ -60,7 +65,7 @@ def flow_cfg_loop(pipe: Any, latents: torch.Tensor, num_inference_steps: int, de
                 with pipe.transformer.cache_context("uncond"):
                     velocity_u = pipe._velocity(latents, timestep, *uncond, img_ids, txt_ids)
                 velocity = velocity_u + pipe._guidance_scale * (velocity - velocity_u)
-            latents = pipe.scheduler.step(velocity, t, latents, return_dict=False)[0]
+            latents = pipe.scheduler.step(velocity, t, latents, generator=generator, return_dict=False)[0]
             progress_bar.update()
     pipe._current_timestep = None
     return latents

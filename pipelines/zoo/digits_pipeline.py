@@ -154,7 +154,7 @@ class FluxDigitsPipeline(FlowLoopMixin, DiffusionPipeline):
 
         uncond = (neg_tokens, neg_pooled) if self.do_classifier_free_guidance else None
         latents = flow_cfg_loop(self, latents, num_inference_steps, device, dtype, (tokens, pooled), uncond,
-                                img_ids, txt_ids)
+                                img_ids, txt_ids, generator=generator)
 
         images = ((unpack(latents.float(), height, width) + 1.0) / 2.0).clamp(0.0, 1.0)
         if output_type == "np":

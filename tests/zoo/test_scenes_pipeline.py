@@ -99,6 +99,52 @@ def test_sampling_matches_an_independent_euler_loop_with_and_without_cfg(pipe, g
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
+@pytest.fixture(scope="module")
+def stochastic() -> FluxScenesPipeline:
+    p = load_scenes_pipeline(stochastic_sampling=True)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def _manual_stochastic_sample(pipe, prompts, seeds, steps, guidance):
+    """An independent re-noising loop: x0 = x - sigma * v, then x <- (1 - sigma_next) x0 + sigma_next z,
+    with z drawn after the starting noise from each image's own generator."""
+    tok, size, patch = pipe.tokenizer, 32, 4
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    cond, uncond = pipe.text_encoder(tok(prompts)), pipe.text_encoder(tok.null(len(prompts)))
+    x = pack(torch.cat([torch.randn((1, 3, size, size), generator=g) for g in gens]), patch)
+    sigmas = FlowMatchEulerDiscreteScheduler()
+    sigmas.set_timesteps(steps)
+    kw = dict(img_ids=image_ids(size, size, patch), txt_ids=tok.positions(), return_dict=False)
+    for i in range(steps):
+        sigma, nxt = sigmas.sigmas[i], sigmas.sigmas[i + 1]
+        t = sigma.expand(len(prompts))
+        v = pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=cond[0], pooled_projections=cond[1], **kw)[0]
+        u = pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=uncond[0], pooled_projections=uncond[1], **kw)[0]
+        x0 = x - sigma * (u + guidance * (v - u))
+        z = torch.cat([torch.randn((1,) + x.shape[1:], generator=g) for g in gens])
+        x = (1 - nxt) * x0 + nxt * z
+    return ((unpack(x, size, size, patch) + 1) / 2).clamp(0, 1)
+
+
+def test_stochastic_sampling_matches_an_independent_loop_and_repeats_per_seed(pipe, stochastic):
+    assert stochastic.scheduler.config.stochastic_sampling and not pipe.scheduler.config.stochastic_sampling
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (5, 6)]
+    got = stochastic(PROMPTS, num_inference_steps=STEPS, generator=gens(), output_type="pt").images
+    with torch.no_grad():
+        want = _manual_stochastic_sample(stochastic, PROMPTS, (5, 6), STEPS, 4.0)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    # The step noise comes from the caller's generators: the same seeds repeat, a batch equals its
+    # images made one by one, and the result is not the Euler one.
+    again = stochastic(PROMPTS, num_inference_steps=STEPS, generator=gens(), output_type="pt").images
+    assert torch.equal(got, again)
+    second = stochastic(PROMPTS[1:], num_inference_steps=STEPS, generator=torch.Generator().manual_seed(6),
+                        output_type="pt").images
+    torch.testing.assert_close(got[1:], second, atol=1e-4, rtol=0)
+    euler = pipe(PROMPTS, num_inference_steps=STEPS, generator=gens(), output_type="pt").images
+    assert (got - euler).abs().max() > 0.05
+
+
 def test_guidance_changes_the_output(pipe):
     assert (run(pipe, guidance_scale=4.0) - run(pipe, guidance_scale=1.0)).abs().max() > 0.05
 

@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ground-truth", action="store_true", help="check the generator's own images instead")
     ap.add_argument("--grid", default=None, help="write the samples with their prompts to this PNG")
     ap.add_argument("--json", default=None, help="write the summary to this file")
+    ap.add_argument("--stochastic-sampling", action="store_true",
+                    help="sample with FlowMatchEulerDiscreteScheduler(stochastic_sampling=True) instead of Euler")
     args = ap.parse_args(argv)
     if args.n < 1 or args.steps < 1 or args.batch < 1:
         ap.error("--n, --steps and --batch must be at least 1")
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from .loader import load_scenes_pipeline
 
-        pipe = load_scenes_pipeline(weights_dir=args.weights_dir)
+        pipe = load_scenes_pipeline(weights_dir=args.weights_dir, stochastic_sampling=args.stochastic_sampling)
         pipe.set_progress_bar_config(disable=True)
         chunks = []
         for i in range(0, args.n, args.batch):
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         images = torch.cat(chunks)
     results = check_adherence(images, prompts)
     summary = dict(summarise(results), n=args.n, steps=args.steps, guidance=args.guidance,
+                   sampler="stochastic" if args.stochastic_sampling else "euler",
                    source="ground truth" if args.ground_truth else (args.weights_dir or "shipped weights"))
     print(json.dumps(summary, indent=2))
     if args.json:

@@ -32,11 +32,18 @@ def load_scenes_pipeline(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     weights_dir: str | Path | None = None,
+    stochastic_sampling: bool = False,
 ) -> FluxScenesPipeline:
     """The scenes pipeline, read from package data; never touches the network.
 
     weights_dir: a folder written by ``train --out`` or :func:`save_scenes_pipeline` to load
     instead of the shipped weights.
+    stochastic_sampling: use ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)``, which
+    re-noises the model's clean estimate with fresh noise at every step (drawn from the call's
+    generator) instead of taking an Euler step. Not the default: on the shipped weights it is no
+    better than Euler, and a cache that reuses a velocity computed for other noise puts the
+    difference of the two noises into the image, so caches are measured on the deterministic
+    (Euler) path, the one FLUX and Wan use (pipelines/zoo/README.md, "Sampler").
 
     >>> pipe = load_scenes_pipeline()
     >>> pipe("a small green triangle above a big red square on a white background").images[0]  # PIL
@@ -60,7 +67,7 @@ def load_scenes_pipeline(
     # nn.Module.to, not ModelMixin.to: the latter warns about fp32-pinned modules (there are none).
     for module in (transformer, text_encoder):
         torch.nn.Module.to(module, device=device, dtype=dtype).eval()
-    return FluxScenesPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+    return FluxScenesPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(stochastic_sampling=stochastic_sampling),
                               text_encoder=text_encoder, image_size=cfg.image_size, patch=cfg.patch,
                               text_layout=cfg.text_layout)
 

@@ -96,9 +96,11 @@ class FluxScenesPipeline(FlowLoopMixin, DiffusionPipeline):
         Args:
             prompt: one prompt or a list (see ``dcache.pipelines.zoo.scenes.VOCABULARY`` and the
                 grammar in the error message a bad prompt gives).
-            num_inference_steps: Euler steps of the flow-matching sampler.
+            num_inference_steps: steps of the flow-matching sampler (Euler; see ``load_scenes_pipeline``
+                for the stochastic variant).
             guidance_scale: classifier-free guidance weight; <= 1 runs only the conditional branch.
-            generator: seeds the starting noise (one generator, or one per image).
+            generator: seeds the starting noise, and a stochastic sampler's fresh noise (one generator,
+                or one per image).
             latents: starting noise, packed tokens (batch, 64, 48).
             output_type: "pil" (RGB images), "np" (batch, 32, 32, 3) float32 in [0, 1] or
                 "pt" (batch, 3, 32, 32) float32 in [0, 1].
@@ -128,7 +130,7 @@ class FluxScenesPipeline(FlowLoopMixin, DiffusionPipeline):
 
         uncond = (neg_tokens, neg_pooled) if self.do_classifier_free_guidance else None
         latents = flow_cfg_loop(self, latents, num_inference_steps, device, dtype, (tokens, pooled), uncond,
-                                img_ids, txt_ids)
+                                img_ids, txt_ids, generator=generator)
 
         images = ((unpack(latents.float(), size, size, patch) + 1.0) / 2.0).clamp(0.0, 1.0)
         if output_type == "np":
