@@ -64,12 +64,13 @@ def test_same_seed_same_output_different_seed_differs(pipe):
     assert not torch.allclose(run(pipe, seed=1), run(pipe, seed=2), atol=1e-3)
 
 
-def _manual_sample(pipe, prompts, seed, steps, guidance):
-    """An independent Euler loop over the same modules: x <- x + (sigma_next - sigma) * v."""
+def _manual_sample(pipe, prompts, x, steps, guidance, step_noise=None):
+    """An independent loop over the same modules from packed noise ``x``: Euler,
+    x <- x + (sigma_next - sigma) * v, or with ``step_noise`` (a callable giving fresh noise) the
+    re-noising step, x0 = x - sigma * v, then x <- (1 - sigma_next) x0 + sigma_next z."""
     tok, size, patch = pipe.tokenizer, 32, 4
     cond = pipe.text_encoder(tok(prompts))
     uncond = pipe.text_encoder(tok.null(len(prompts)))
-    x = pack(torch.randn((len(prompts), 3, size, size), generator=torch.Generator().manual_seed(seed)), patch)
     sched = FlowMatchEulerDiscreteScheduler()
     sched.set_timesteps(steps)
     kw = dict(img_ids=image_ids(size, size, patch), txt_ids=tok.positions(), return_dict=False)
@@ -81,7 +82,7 @@ def _manual_sample(pipe, prompts, seed, steps, guidance):
             u = pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=uncond[0],
                                  pooled_projections=uncond[1], **kw)[0]
             v = u + guidance * (v - u)
-        x = x + (nxt - sigma) * v
+        x = x + (nxt - sigma) * v if step_noise is None else (1 - nxt) * (x - sigma * v) + nxt * step_noise()
     return ((unpack(x, size, size, patch) + 1) / 2).clamp(0, 1)
 
 
@@ -95,7 +96,8 @@ def test_sampling_matches_an_independent_euler_loop_with_and_without_cfg(pipe, g
         handle.remove()
     assert len(calls) == (2 if guidance > 1 else 1) * STEPS and pipe.current_timestep is None
     with torch.no_grad():
-        want = _manual_sample(pipe, PROMPTS, 3, STEPS, guidance)
+        x = pack(torch.randn((len(PROMPTS), 3, 32, 32), generator=torch.Generator().manual_seed(3)), 4)
+        want = _manual_sample(pipe, PROMPTS, x, STEPS, guidance)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
@@ -106,33 +108,16 @@ def stochastic() -> FluxScenesPipeline:
     return p
 
 
-def _manual_stochastic_sample(pipe, prompts, seeds, steps, guidance):
-    """An independent re-noising loop: x0 = x - sigma * v, then x <- (1 - sigma_next) x0 + sigma_next z,
-    with z drawn after the starting noise from each image's own generator."""
-    tok, size, patch = pipe.tokenizer, 32, 4
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
-    cond, uncond = pipe.text_encoder(tok(prompts)), pipe.text_encoder(tok.null(len(prompts)))
-    x = pack(torch.cat([torch.randn((1, 3, size, size), generator=g) for g in gens]), patch)
-    sigmas = FlowMatchEulerDiscreteScheduler()
-    sigmas.set_timesteps(steps)
-    kw = dict(img_ids=image_ids(size, size, patch), txt_ids=tok.positions(), return_dict=False)
-    for i in range(steps):
-        sigma, nxt = sigmas.sigmas[i], sigmas.sigmas[i + 1]
-        t = sigma.expand(len(prompts))
-        v = pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=cond[0], pooled_projections=cond[1], **kw)[0]
-        u = pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=uncond[0], pooled_projections=uncond[1], **kw)[0]
-        x0 = x - sigma * (u + guidance * (v - u))
-        z = torch.cat([torch.randn((1,) + x.shape[1:], generator=g) for g in gens])
-        x = (1 - nxt) * x0 + nxt * z
-    return ((unpack(x, size, size, patch) + 1) / 2).clamp(0, 1)
-
-
 def test_stochastic_sampling_matches_an_independent_loop_and_repeats_per_seed(pipe, stochastic):
     assert stochastic.scheduler.config.stochastic_sampling and not pipe.scheduler.config.stochastic_sampling
     gens = lambda: [torch.Generator().manual_seed(s) for s in (5, 6)]
     got = stochastic(PROMPTS, num_inference_steps=STEPS, generator=gens(), output_type="pt").images
+    # Each image's generator gives its starting noise, then its noise for every step.
+    g = gens()
+    draw = lambda shape: torch.cat([torch.randn((1,) + shape, generator=one) for one in g])
     with torch.no_grad():
-        want = _manual_stochastic_sample(stochastic, PROMPTS, (5, 6), STEPS, 4.0)
+        want = _manual_sample(stochastic, PROMPTS, pack(draw((3, 32, 32)), 4), STEPS, 4.0,
+                              step_noise=lambda: draw((64, 48)))
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     # The step noise comes from the caller's generators: the same seeds repeat, a batch equals its
     # images made one by one, and the result is not the Euler one.
