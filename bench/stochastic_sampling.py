@@ -1,11 +1,12 @@
 """Caching on the scenes model's Euler sampler and on its stochastic one, same weights and seeds.
 
 ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`` re-noises the model's clean
-estimate with fresh noise at every step. It draws better samples from the shipped scenes weights,
-but a cache that reuses a velocity computed for the previous step's noise puts the difference of
-the two noises into the clean estimate. This script measures both: for each sampler, the uncached
-baseline and a few policies, with whole-prompt adherence, shape rate and PSNR against that
-sampler's own baseline (the mean per-sample PSNR, as ``dcache bench`` reports it). Quality only (no timing). Results go to ``--out``/results.json and
+estimate with fresh noise at every step. It helped less-trained scenes weights (not the shipped
+ones; pipelines/zoo/README.md, "Sampler"), but a cache that reuses a velocity computed for the
+previous step's noise puts the difference of the two noises into the clean estimate. This script
+measures both: for each sampler, the uncached baseline and a few policies, with whole-prompt
+adherence, shape rate and PSNR against that sampler's own baseline (the mean per-sample PSNR, as
+``dcache bench`` reports it). Quality only (no timing). Results go to ``--out``/results.json and
 results.md.
 
     OMP_NUM_THREADS=1 python bench/stochastic_sampling.py --num-samples 32 --out bench/results/stochastic
@@ -38,11 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_samples < 1 or args.steps < 1:
         ap.error("--num-samples and --steps must be at least 1")
 
-    import dcache
-    from dcache.pipelines.zoo.scenes import check_adherence, load_scenes_pipeline, sample_prompts
-    from dcache.pipelines.zoo.scenes.evaluate import summarise
+    from dcache.eval.bench_image import _dcache_setup
     from dcache.eval.metrics import psnr
     from dcache.eval.policy_spec import parse_policies
+    from dcache.eval.report import label
+    from dcache.pipelines.zoo.scenes import check_adherence, load_scenes_pipeline, sample_prompts
+    from dcache.pipelines.zoo.scenes.evaluate import summarise
 
     try:
         specs = parse_policies(args.policies)
@@ -56,21 +58,17 @@ def main(argv: list[str] | None = None) -> int:
         pipe = load_scenes_pipeline(weights_dir=args.weights_dir, stochastic_sampling=sampler == "stochastic")
         pipe.set_progress_bar_config(disable=True)
         base = None
-        for spec in [None] + specs:
-            label = "baseline" if spec is None else spec[0] + (
-                "(" + ",".join(f"{k}={v}" for k, v in spec[1].items()) + ")" if spec[1] else "")
-            if spec is not None:
-                name, opts = spec
-                dcache.accelerate(pipe, name.split("+") if "+" in name else name, **opts)
+        for spec in [("baseline", {})] + specs:
+            teardown = _dcache_setup(pipe, *spec)[1] if spec[0] != "baseline" else None
             try:
                 images = pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, output_type="pt",
                               generator=[torch.Generator().manual_seed(s) for s in range(args.num_samples)]).images
             finally:
-                if spec is not None:
-                    dcache.disable(pipe)
+                if teardown is not None:
+                    teardown(pipe)
             base = images if base is None else base
             s = summarise(check_adherence(images, prompts))
-            rows.append({"sampler": sampler, "policy": label, "adherence": s["whole"], "shape": s["shape"],
+            rows.append({"sampler": sampler, "policy": label(*spec), "adherence": s["whole"], "shape": s["shape"],
                          "psnr": psnr(images, base)})
             print(json.dumps(rows[-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

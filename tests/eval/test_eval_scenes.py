@@ -22,7 +22,8 @@ def test_scenes_eval_prompts_task_and_clip_from_the_files(tmp_path):
     from dcache.pipelines.zoo.scenes import check_adherence
     from dcache.pipelines.zoo.scenes.grammar import sample_prompts
 
-    clip = tiny_clip(str(tmp_path / "clip"), seed=1)  # a random CLIP whose cosines here are positive (seed 1: on the leg-4b and leg-5 scenes weights)
+    # a random CLIP whose cosines here are positive (seed 1: on the leg-4b and leg-5 scenes weights)
+    clip = tiny_clip(str(tmp_path / "clip"), seed=1)
     out = tmp_path / "sc"
     assert cli(["eval", "--model", "scenes", "--policy", "static", "--steps", "4", "--seeds", "5,6", "--threads", "1",
                 "--clip-model", clip, "--pareto-metric", "attributes", "--out", str(out)]) == 0

@@ -67,9 +67,9 @@ def load_scenes_pipeline(
     # nn.Module.to, not ModelMixin.to: the latter warns about fp32-pinned modules (there are none).
     for module in (transformer, text_encoder):
         torch.nn.Module.to(module, device=device, dtype=dtype).eval()
-    return FluxScenesPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(stochastic_sampling=stochastic_sampling),
-                              text_encoder=text_encoder, image_size=cfg.image_size, patch=cfg.patch,
-                              text_layout=cfg.text_layout)
+    scheduler = FlowMatchEulerDiscreteScheduler(stochastic_sampling=stochastic_sampling)
+    return FluxScenesPipeline(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder,
+                              image_size=cfg.image_size, patch=cfg.patch, text_layout=cfg.text_layout)
 
 
 def save_scenes_pipeline(pipe: FluxScenesPipeline, out: str | Path) -> None:
