@@ -1,12 +1,12 @@
 """Caching on the scenes model's Euler sampler and on its stochastic one, same weights and seeds.
 
 ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`` re-noises the model's clean
-estimate with fresh noise at every step. It helped less-trained scenes weights (not the shipped
-ones; pipelines/zoo/README.md, "Sampler"), but a cache that reuses a velocity computed for the
-previous step's noise puts the difference of the two noises into the clean estimate. This script
-measures both: for each sampler, the uncached baseline and a few policies, with whole-prompt
-adherence, shape rate and PSNR against that sampler's own baseline (the mean per-sample PSNR, as
-``dcache bench`` reports it). Quality only (no timing). Results go to ``--out``/results.json and
+estimate with fresh noise at every step. It helped less-trained scenes weights (on the shipped
+ones it is a wash; pipelines/zoo/README.md, "Sampler"), but a cache that reuses a velocity
+computed for the previous step's noise puts the difference of the two noises into the clean
+estimate. This script measures both: for each sampler, the uncached baseline and a few
+policies, with whole-prompt adherence, shape rate and PSNR against that sampler's own baseline
+(the mean per-sample PSNR, as ``dcache bench`` reports it). Quality only (no timing). Results go to ``--out``/results.json and
 results.md.
 
     OMP_NUM_THREADS=1 python bench/stochastic_sampling.py --num-samples 32 --out bench/results/stochastic
@@ -39,11 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_samples < 1 or args.steps < 1:
         ap.error("--num-samples and --steps must be at least 1")
 
-    from dcache.eval.bench_image import _dcache_setup
+    from dcache.eval.bench_image import _dcache_setup, scene_prompts
     from dcache.eval.metrics import psnr
     from dcache.eval.policy_spec import parse_policies
     from dcache.eval.report import label
-    from dcache.pipelines.zoo.scenes import check_adherence, load_scenes_pipeline, sample_prompts
+    from dcache.pipelines.zoo.scenes import check_adherence, load_scenes_pipeline
     from dcache.pipelines.zoo.scenes.evaluate import summarise
 
     try:
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    prompts = [sample_prompts(1, seed=s)[0] for s in range(args.num_samples)]
+    prompts = scene_prompts(list(range(args.num_samples)))
     rows = []
     for sampler in ("euler", "stochastic"):
         pipe = load_scenes_pipeline(weights_dir=args.weights_dir, stochastic_sampling=sampler == "stochastic")

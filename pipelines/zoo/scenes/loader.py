@@ -41,9 +41,10 @@ def load_scenes_pipeline(
     stochastic_sampling: use ``FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)``, which
     re-noises the model's clean estimate with fresh noise at every step (drawn from the call's
     generator) instead of taking an Euler step. Not the default: on the shipped weights it is no
-    better than Euler, and a cache that reuses a velocity computed for other noise puts the
-    difference of the two noises into the image, so caches are measured on the deterministic
-    (Euler) path, the one FLUX and Wan use (pipelines/zoo/README.md, "Sampler").
+    better than Euler overall (better on some prompt sets, worse on others), and a cache that
+    reuses a velocity computed for other noise puts the difference of the two noises into the
+    image, so caches are measured on the deterministic (Euler) path, the one FLUX and Wan use
+    (pipelines/zoo/README.md, "Sampler").
 
     >>> pipe = load_scenes_pipeline()
     >>> pipe("a small green triangle above a big red square on a white background").images[0]  # PIL
