@@ -20,8 +20,8 @@ from dcache.demos.pool import GENERATIONS, BaselineCache, InstancePool
 __all__ = ["DEFAULT_IMAGE_MODEL", "EMBEDDED_MODELS", "ImageModel", "ImageResult", "get_model", "run_image",
            "default_condition", "image_configs", "policy_label", "MAX_STEPS"]
 
-# The one line to flip when the scenes model (issue #16) lands: "digits" -> "scenes".
-DEFAULT_IMAGE_MODEL = "digits"
+# The prompt-conditioned scenes model (issue #16) is the default; digits stays selectable.
+DEFAULT_IMAGE_MODEL = "scenes"
 EMBEDDED_MODELS = {
     "digits": "embedded class-conditional digits (FluxTransformer2DModel, 32x32)",
     "scenes": "embedded text-to-image scenes (FluxTransformer2DModel)",
@@ -124,10 +124,7 @@ def _digits_model() -> ImageModel:
 
 
 def _scenes_model() -> ImageModel:
-    try:  # lazily: the scenes model (issue #16) may not be in this build
-        from dcache.pipelines.zoo.scenes import check_adherence, load_scenes_pipeline, sample_prompts
-    except ImportError as e:
-        raise ValueError(f"the embedded scenes model is not available in this build ({e}); use 'digits'") from None
+    from dcache.pipelines.zoo.scenes import check_adherence, load_scenes_pipeline, sample_prompts
 
     def factory():
         pipe = load_scenes_pipeline()
@@ -197,10 +194,8 @@ def _pipeline_model(path: str) -> ImageModel:
 def default_condition(name: str) -> str:
     """What the condition box starts with for an embedded model (no model is loaded for it)."""
     if name == "scenes":
-        try:
-            from dcache.pipelines.zoo.scenes import sample_prompts
-        except ImportError:
-            return ""
+        from dcache.pipelines.zoo.scenes import sample_prompts
+
         return sample_prompts(1, 0)[0]
     return "3"
 

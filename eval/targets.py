@@ -13,9 +13,9 @@ from typing import Any, Callable
 
 import torch
 
-# The model `dcache eval` uses with no --model. Issue #16's prompt-conditioned scenes model
-# becomes the default once it is merged: flip this one constant to "scenes".
-DEFAULT_IMAGE_MODEL = "digits"
+# The model `dcache eval` uses with no --model: the prompt-conditioned scenes model (issue #16),
+# whose adherence metric can fail; "digits" stays available by name.
+DEFAULT_IMAGE_MODEL = "scenes"
 BUILTIN_IMAGE_MODELS = ("digits", "scenes")
 
 
@@ -81,10 +81,7 @@ def _scenes(device: str, weights_dir: str | None) -> EvalModel:
     grammar's prompt for its seed (``sample_prompts(1, seed)``, as ``dcache bench`` does); the task
     metrics are the scenes checker's whole-prompt adherence (``task``) and the share of single
     checks passed (``attributes``: background, count, relation, each object's colour/shape/size)."""
-    try:
-        from dcache.pipelines.zoo.scenes import check_adherence, load_scenes_pipeline
-    except ImportError:
-        raise ValueError("--model scenes is not in this build yet (issue #16); use --model digits") from None
+    from dcache.pipelines.zoo.scenes import check_adherence, load_scenes_pipeline
     from dcache.eval.bench_image import attribute_rate, scene_prompts
 
     pipe = load_scenes_pipeline(device=device, dtype=torch.float32, weights_dir=weights_dir)

@@ -89,7 +89,12 @@ def loaded_image(driver, selector):
 
 
 def test_image_tab_end_to_end(browser, demo_url, digits_direct):
+    from dcache.pipelines.zoo.scenes import sample_prompts
+
     open_page(browser, demo_url)
+    # a fresh page starts on the default model, the prompt-conditioned scenes one, with a grammar prompt
+    assert css(browser, "#image-model input[value='scenes']").is_selected()
+    assert value_of(browser, "#image-condition textarea, #image-condition input") == sample_prompts(1, 0)[0]
     choose_radio(browser, "image-model", "digits")
     set_input(browser, "#image-condition textarea, #image-condition input", 3)
     choose_radio(browser, "image-policy", "static")

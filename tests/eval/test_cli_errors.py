@@ -144,7 +144,7 @@ def test_bad_bench_and_policies_input(args, prog, needle, tmp_path, capsys):
 
 def test_class_out_of_range_is_refused_before_generation(tmp_path, capsys):
     out = tmp_path / "o"
-    assert cli(["eval", "--classes", "3,12", "--steps", "2", "--out", str(out)]) == 2
+    assert cli(["eval", "--model", "digits", "--classes", "3,12", "--steps", "2", "--out", str(out)]) == 2
     assert "--classes 12 is out of range; this model draws classes 0..9" in _one_line(capsys)
     assert not (out / "samples").exists()
 

@@ -12,7 +12,7 @@ from PIL import Image
 from dcache.cli import main as cli
 
 
-SWEEP = ["eval", "--steps", "4", "--num-samples", "3", "--threads", "1", "--policy", "static",
+SWEEP = ["eval", "--model", "digits", "--steps", "4", "--num-samples", "3", "--threads", "1", "--policy", "static",
          "--sweep", "static.interval=2,4"]
 
 
@@ -119,7 +119,7 @@ def test_frontier_and_label_placement():
 @pytest.mark.slow  # cache-dit's import and MagCache's calibration run: ~40 s on a busy 2-core machine
 def test_peers_are_rows_scored_on_their_own_outputs(tmp_path):
     out = tmp_path / "peers"
-    assert cli(["eval", "--steps", "4", "--num-samples", "1", "--threads", "1", "--policy", "fbcache", "--peers",
+    assert cli(["eval", "--model", "digits", "--steps", "4", "--num-samples", "1", "--threads", "1", "--policy", "fbcache", "--peers",
                 "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     rows = {(r["source"], r["policy"]): r for r in res["rows"]}

@@ -1,4 +1,4 @@
-"""`dcache eval --model scenes`: seed s draws prompt s of the scenes grammar (as `dcache bench` does),
+"""`dcache eval --model scenes` (the default image model): seed s draws prompt s of the scenes grammar (as `dcache bench` does),
 task accuracy is the scenes checker's adherence and attribute rate, CLIP score with --clip-model;
 every number recomputed here from the stored PNGs."""
 
@@ -53,3 +53,13 @@ def test_scenes_eval_prompts_task_and_clip_from_the_files(tmp_path):
         assert want > 0 and row["clip_score"] == pytest.approx(want, rel=1e-3)
     header = (out / "results.md").read_text().splitlines()[0]
     assert "attributes" in header and "clip" in header and "task" in header
+
+
+def test_no_model_means_the_scenes_model(tmp_path):
+    from dcache.pipelines.zoo.scenes.grammar import sample_prompts
+
+    out = tmp_path / "default"
+    assert cli(["eval", "--policy", "static", "--steps", "2", "--seeds", "3", "--threads", "1", "--out", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["conditions"] == sample_prompts(1, seed=3)
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert {r["task_metric"] for r in rows} == {"prompt_adherence"}

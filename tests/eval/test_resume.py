@@ -16,7 +16,7 @@ from PIL import Image
 from dcache.cli import main as cli
 from dcache.eval.samples import SampleStore
 
-ARGS = ["eval", "--steps", "3", "--num-samples", "4", "--threads", "1",
+ARGS = ["eval", "--model", "digits", "--steps", "3", "--num-samples", "4", "--threads", "1",
         "--policy", "static(interval=2),taylorseer(interval=2,warmup_steps=1)"]
 
 
@@ -143,7 +143,7 @@ def test_kill_resume_interrupt_keeps_every_sample(tmp_path, capsys, terminal_sig
 
     # A different configuration in the same --out is refused, before generating anything.
     capsys.readouterr()
-    assert cli(["eval", "--steps", "4", "--num-samples", "4", "--threads", "1", "--policy",
+    assert cli(["eval", "--model", "digits", "--steps", "4", "--num-samples", "4", "--threads", "1", "--policy",
                 "static(interval=2),taylorseer(interval=2,warmup_steps=1)", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("dcache eval: error: --out") and "different configuration (steps differ)" in err
