@@ -22,7 +22,7 @@ def test_scenes_eval_prompts_task_and_clip_from_the_files(tmp_path):
     from dcache.pipelines.zoo.scenes import check_adherence
     from dcache.pipelines.zoo.scenes.grammar import sample_prompts
 
-    # a random CLIP whose cosines here are positive (seed 1: on the leg-4b, leg-5 and leg-6 scenes weights)
+    # a random CLIP whose cosines here are positive (seed 1: on the leg-4b to leg-7 scenes weights)
     clip = tiny_clip(str(tmp_path / "clip"), seed=1)
     out = tmp_path / "sc"
     assert cli(["eval", "--model", "scenes", "--policy", "static", "--steps", "4", "--seeds", "5,6", "--threads", "1",

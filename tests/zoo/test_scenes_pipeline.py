@@ -206,8 +206,8 @@ def test_diffusers_first_block_cache_runs_per_branch(pipe):
 # The ground can fail: at 20 steps, a static cache that computes 3 of them (steps 0, 10 and the
 # last) must lose at least 20 points of whole-prompt adherence (issue 16's bar for the bench's
 # aggressive setting) and clearly more of the attribute rate than one that computes every other
-# step. Measured on the shipped (leg-6) weights: whole 0.96 baseline, 0.92 static(interval=2),
-# 0.46 static(interval=10); attribute rate 0.99 / 0.99 / 0.89 (leg 5: 0.79 / 0.83 / 0.50).
+# step. Measured on the shipped (leg-7) weights: whole 0.79 baseline, 0.96 static(interval=2),
+# 0.38 static(interval=10); attribute rate 0.97 / 0.99 / 0.88 (leg 6: whole 0.96 / 0.92 / 0.46).
 ABLATION_PROMPTS, ABLATION_STEPS = 24, 20
 
 
@@ -238,8 +238,8 @@ def test_aggressive_cache_loses_adherence_mild_cache_less(pipe):
 
 @pytest.mark.slow
 def test_baseline_samples_at_50_steps_get_colours_and_backgrounds_right(pipe):
-    """What the shipped model has learned (leg 6 measured whole 0.85, shape 0.91, every other rate 1.00 on
-    exactly these prompts and seeds, leg 5 0.89 / 0.94; see pipelines/zoo/README.md)."""
+    """What the shipped model has learned (leg 7 measured whole 0.91, shape 0.95, every other rate 1.00 on
+    exactly these prompts and seeds; leg 6 0.85 / 0.91, leg 5 0.89 / 0.94; see pipelines/zoo/README.md)."""
     from dcache.pipelines.zoo.scenes.evaluate import summarise
 
     prompts = sample_prompts(100, seed=2024)
@@ -247,4 +247,4 @@ def test_baseline_samples_at_50_steps_get_colours_and_backgrounds_right(pipe):
                   generator=[torch.Generator().manual_seed(i) for i in range(100)]).images
     rates = summarise(check_adherence(images, prompts))
     assert rates["background"] >= 0.95 and rates["colour"] >= 0.95 and rates["relation"] >= 0.95, rates
-    assert rates["size"] >= 0.95 and rates["shape"] >= 0.88 and rates["whole"] >= 0.8, rates
+    assert rates["size"] >= 0.95 and rates["shape"] >= 0.92 and rates["whole"] >= 0.88, rates
