@@ -119,8 +119,8 @@ def test_frontier_and_label_placement():
 @pytest.mark.slow  # cache-dit's import and MagCache's calibration run: ~40 s on a busy 2-core machine
 def test_peers_are_rows_scored_on_their_own_outputs(tmp_path):
     out = tmp_path / "peers"
-    assert cli(["eval", "--model", "digits", "--steps", "4", "--num-samples", "1", "--threads", "1", "--policy", "fbcache", "--peers",
-                "--out", str(out)]) == 0
+    assert cli(["eval", "--model", "digits", "--steps", "4", "--num-samples", "1", "--threads", "1",
+                "--policy", "fbcache", "--peers", "--out", str(out)]) == 0
     res = json.loads((out / "results.json").read_text())
     rows = {(r["source"], r["policy"]): r for r in res["rows"]}
     assert {"baseline", "dcache", "diffusers"} <= {s for s, _ in rows}

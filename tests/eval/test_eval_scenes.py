@@ -1,6 +1,6 @@
-"""`dcache eval --model scenes` (the default image model): seed s draws prompt s of the scenes grammar (as `dcache bench` does),
-task accuracy is the scenes checker's adherence and attribute rate, CLIP score with --clip-model;
-every number recomputed here from the stored PNGs."""
+"""`dcache eval --model scenes` (the default image model): seed s draws prompt s of the scenes
+grammar (as `dcache bench` does), task accuracy is the scenes checker's adherence and attribute
+rate, CLIP score with --clip-model; every number recomputed here from the stored PNGs."""
 
 import json
 
