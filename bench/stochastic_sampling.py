@@ -6,8 +6,8 @@ ones it is a wash; pipelines/zoo/README.md, "Sampler"), but a cache that reuses 
 computed for the previous step's noise puts the difference of the two noises into the clean
 estimate. This script measures both: for each sampler, the uncached baseline and a few
 policies, with whole-prompt adherence, shape rate and PSNR against that sampler's own baseline
-(the mean per-sample PSNR, as ``dcache bench`` reports it). Quality only (no timing). Results go to ``--out``/results.json and
-results.md.
+(the mean per-sample PSNR, as ``dcache bench`` reports it). Quality only (no timing). Results go
+to ``--out``/results.json and results.md.
 
     OMP_NUM_THREADS=1 python bench/stochastic_sampling.py --num-samples 32 --out bench/results/stochastic
 """

@@ -83,10 +83,10 @@ def _as_images(out: Any) -> torch.Tensor:
 
 
 def scene_prompts(seeds: list[int]) -> list[str]:
-    """The prompt each seed draws in the scenes bench (seed s -> the grammar's prompt for s)."""
-    from dcache.pipelines.zoo.scenes import sample_prompts
+    """The prompt each seed draws in the scenes bench (``pipelines.zoo.scenes.seed_prompts``)."""
+    from dcache.pipelines.zoo.scenes import seed_prompts
 
-    return [sample_prompts(1, seed=s)[0] for s in seeds]
+    return seed_prompts(seeds)
 
 
 def attribute_rate(results: list[dict]) -> float:

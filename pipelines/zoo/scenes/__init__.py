@@ -12,7 +12,7 @@ relation and background back from any image. The model is a pixel-space
     rate = sum(r["whole"] for r in check_adherence(images, prompts)) / len(prompts)
 """
 from .checker import adherence_rate, check_adherence
-from .grammar import GRAMMAR, VOCABULARY, Scene, SceneObject, parse_prompt, sample_prompts
+from .grammar import GRAMMAR, VOCABULARY, Scene, SceneObject, parse_prompt, sample_prompts, seed_prompts
 from .loader import load_scenes_pipeline, save_scenes_pipeline
 from .model import SceneTextEncoder, SceneTokenizer, ScenesModelConfig
 from .pipeline import FluxScenesPipeline
@@ -35,4 +35,5 @@ __all__ = [
     "sample_batch",
     "sample_prompts",
     "save_scenes_pipeline",
+    "seed_prompts",
 ]

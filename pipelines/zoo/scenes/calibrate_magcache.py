@@ -15,7 +15,7 @@ import os
 import torch
 
 import dcache
-from dcache.pipelines.zoo.scenes import load_scenes_pipeline, sample_prompts
+from dcache.pipelines.zoo.scenes import load_scenes_pipeline, seed_prompts
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_scenes_pipeline()
     pipe.set_progress_bar_config(disable=True)
     seeds = [100, 101, 102, 103]
-    prompts = [sample_prompts(1, seed=s)[0] for s in seeds]
+    prompts = seed_prompts(seeds)
     dcache.accelerate(pipe, "magcache", calibrate=True, calibration_file=args.out)
     pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance,
          generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="pt")

@@ -220,3 +220,10 @@ def sample_prompts(n: int, seed: int) -> list[str]:
         raise ValueError(f"n must be a non-negative integer, got {n!r}")
     rng = random.Random(f"scenes-prompts-{seed}")
     return [random_scene(rng).prompt() for _ in range(n)]
+
+
+def seed_prompts(seeds: list[int]) -> list[str]:
+    """One prompt per seed, the grammar's first for that seed: what sample ``s`` of ``dcache bench``,
+    ``dcache eval --model scenes`` and the magcache calibration draws, so each seed keeps its prompt
+    whichever other seeds run beside it."""
+    return [sample_prompts(1, seed=s)[0] for s in seeds]
